@@ -1,0 +1,3 @@
+from histobench.cli.app import main
+
+main()
