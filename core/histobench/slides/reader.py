@@ -1,0 +1,230 @@
+"""Whole-slide image reading: a thin, typed wrapper around OpenSlide.
+
+Everything the rest of histobench needs from a slide goes through :class:`Slide`: its pyramid geometry, its
+level-0 resolution in µm/px, RGB regions (alpha composited on white) and thumbnails. OpenSlide is imported lazily,
+inside :func:`open_slide`, so that importing this module costs nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from histobench.errors import HistobenchError
+
+# A TIFF resolution that converts to a pixel size outside this range (µm/px) is not a microscope's: scanners and
+# image editors write 72 or 96 dpi by default. Such values are treated as "unknown" rather than trusted.
+_PLAUSIBLE_MPP = (0.01, 100.0)
+
+
+def _rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
+    """Composite an RGBA uint8 array [h, w, 4] on white; fully transparent pixels become white."""
+    rgb = rgba[..., :3]
+    alpha = rgba[..., 3]
+    if alpha.size == 0 or alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha[..., None].astype(np.uint16)
+    out = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
+    return out.astype(np.uint8)
+
+
+class Slide:
+    """An open whole-slide image. Create it with :func:`open_slide`; use it as a context manager or ``close()`` it."""
+
+    def __init__(self, path: Path, handle: Any, mpp_override: float | None) -> None:
+        self._path = path
+        self._osr = handle
+        self._mpp_override = mpp_override
+
+    # -- identity and geometry -------------------------------------------------------------------------------
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def slide_id(self) -> str:
+        """The file name without its extension (``CMU-1-Small-Region.svs`` -> ``CMU-1-Small-Region``)."""
+        return self._path.stem
+
+    @property
+    def _handle(self) -> Any:
+        if self._osr is None:
+            raise HistobenchError(f"slide {self._path} is closed")
+        return self._osr
+
+    @property
+    def properties(self) -> dict[str, str]:
+        """All OpenSlide properties (vendor-specific keys included) as a plain dict."""
+        return dict(self._handle.properties)
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """Level-0 size as (width, height) in pixels."""
+        return tuple(self._handle.dimensions)  # type: ignore[return-value]
+
+    @property
+    def level_count(self) -> int:
+        return int(self._handle.level_count)
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return tuple(tuple(d) for d in self._handle.level_dimensions)  # type: ignore[misc]
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return tuple(float(d) for d in self._handle.level_downsamples)
+
+    @property
+    def vendor(self) -> str | None:
+        """OpenSlide's format name (``aperio``, ``hamamatsu``, ``dicom``, ``generic-tiff``, ...)."""
+        return self._handle.properties.get("openslide.vendor")
+
+    @property
+    def objective_power(self) -> float | None:
+        value = self._handle.properties.get("openslide.objective-power")
+        try:
+            return float(value) if value is not None else None
+        except ValueError:
+            return None
+
+    @property
+    def mpp(self) -> float:
+        """Level-0 resolution in µm per pixel.
+
+        Taken from, in this order:
+
+        1. the ``mpp`` given to :func:`open_slide` (the CLI's ``--mpp``);
+        2. OpenSlide's ``openslide.mpp-x`` / ``openslide.mpp-y`` (their mean when both are present);
+        3. the TIFF resolution tags ``tiff.XResolution`` (and ``tiff.YResolution``) with ``tiff.ResolutionUnit``
+           ``centimeter`` or ``inch``, when they give a plausible microscope resolution (0.01-100 µm/px).
+
+        Raises HistobenchError naming the slide when none of these is available.
+        """
+        if self._mpp_override is not None:
+            return self._mpp_override
+        props = self._handle.properties
+        values = []
+        for key in ("openslide.mpp-x", "openslide.mpp-y"):
+            try:
+                v = float(props[key])
+            except (KeyError, ValueError):
+                continue
+            if math.isfinite(v) and v > 0:
+                values.append(v)
+        if values:
+            return float(sum(values) / len(values))
+        tiff_mpp = _mpp_from_tiff_resolution(props)
+        if tiff_mpp is not None:
+            return tiff_mpp
+        raise HistobenchError(
+            f"slide {self._path} has no pixel size (µm/px) in its metadata; pass it with --mpp (e.g. --mpp 0.25)"
+        )
+
+    # -- pixels ----------------------------------------------------------------------------------------------
+    def read_region(self, x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray:
+        """Read a ``w`` x ``h`` region at pyramid ``level`` whose top-left is (x0, y0) in level-0 pixels.
+
+        Returns uint8 RGB [h, w, 3]; transparent pixels (outside the scanned area) are white.
+        """
+        if not 0 <= level < self.level_count:
+            raise HistobenchError(f"slide {self._path} has no level {level} (it has {self.level_count})")
+        if w <= 0 or h <= 0:
+            raise HistobenchError(f"cannot read an empty region ({w}x{h}) from slide {self._path}")
+        try:
+            img = self._handle.read_region((int(x0), int(y0)), int(level), (int(w), int(h)))
+        except Exception as exc:  # openslide.OpenSlideError: a corrupt tile, for instance
+            raise HistobenchError(f"cannot read region ({x0}, {y0}) of slide {self._path}: {exc}") from exc
+        return _rgba_to_rgb(np.asarray(img))
+
+    def thumbnail(self, max_side: int) -> tuple[np.ndarray, float]:
+        """An RGB thumbnail whose longer side is at most ``max_side`` px.
+
+        Returns ``(image, downsample)``: uint8 [h, w, 3] and the factor from level 0 to the thumbnail
+        (level-0 width / thumbnail width). The thumbnail is read from the smallest pyramid level that is still at
+        least as large, then area-resampled, so it is cheap even for large slides.
+        """
+        from PIL import Image
+
+        if max_side <= 0:
+            raise HistobenchError(f"thumbnail size must be positive, got {max_side}")
+        w0, h0 = self.dimensions
+        target = max(w0, h0) / max_side
+        if target <= 1.0:
+            return self.read_region(0, 0, 0, w0, h0), 1.0
+        tw = max(1, int(round(w0 / target)))
+        th = max(1, int(round(h0 / target)))
+        level = int(self._handle.get_best_level_for_downsample(target))
+        lw, lh = self.level_dimensions[level]
+        region = self.read_region(0, 0, level, lw, lh)
+        if (lw, lh) != (tw, th):
+            region = np.asarray(Image.fromarray(region).resize((tw, th), Image.Resampling.BOX))
+        return region, w0 / tw
+
+    # -- lifetime --------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._osr is not None:
+            self._osr.close()
+            self._osr = None
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._osr is None else f"{self.dimensions[0]}x{self.dimensions[1]}, {self.level_count} levels"
+        return f"Slide({str(self._path)!r}, {state})"
+
+
+def _mpp_from_tiff_resolution(props: Any) -> float | None:
+    unit = str(props.get("tiff.ResolutionUnit", "")).strip().lower()
+    um_per_unit = {"centimeter": 1e4, "cm": 1e4, "inch": 25400.0, "in": 25400.0}.get(unit)
+    if um_per_unit is None:
+        return None
+    values = []
+    for key in ("tiff.XResolution", "tiff.YResolution"):
+        try:
+            res = float(props[key])
+        except (KeyError, ValueError):
+            continue
+        if math.isfinite(res) and res > 0:
+            values.append(um_per_unit / res)
+    if not values:
+        return None
+    mpp = sum(values) / len(values)
+    lo, hi = _PLAUSIBLE_MPP
+    return mpp if lo <= mpp <= hi else None
+
+
+def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> Slide:
+    """Open a whole-slide image with OpenSlide.
+
+    ``mpp`` overrides the level-0 pixel size (µm/px) found in the file's metadata (see :attr:`Slide.mpp`).
+    Raises HistobenchError("cannot open slide <path>: <reason>") for a missing file or one OpenSlide cannot read.
+    """
+    p = Path(path)
+    if mpp is not None:
+        if not (isinstance(mpp, (int, float)) and math.isfinite(mpp) and mpp > 0):
+            raise HistobenchError(f"cannot open slide {p}: mpp must be a positive number, got {mpp!r}")
+        mpp = float(mpp)
+    if not p.exists():
+        raise HistobenchError(f"cannot open slide {p}: no such file")
+    if p.is_dir():
+        raise HistobenchError(f"cannot open slide {p}: it is a directory (for DICOM, pass one of its .dcm files)")
+    try:
+        import openslide
+    except ImportError as exc:  # pragma: no cover - openslide is a hard dependency
+        raise HistobenchError(f"cannot open slide {p}: openslide is not installed ({exc})") from exc
+    try:
+        handle = openslide.OpenSlide(str(p))
+    except Exception as exc:  # OpenSlideUnsupportedFormatError, OpenSlideError, OSError
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, openslide.OpenSlideUnsupportedFormatError):
+            reason = "unsupported or corrupt file format"
+        raise HistobenchError(f"cannot open slide {p}: {reason}") from exc
+    return Slide(p, handle, mpp)
