@@ -1,0 +1,1 @@
+"""Evaluation protocols, aggregator training, metrics and statistics."""

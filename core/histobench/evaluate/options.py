@@ -1,0 +1,36 @@
+"""The one training policy for slide-level heads: the same for every method, so results are comparable."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from histobench.components import StrictOptions
+
+
+class EvalOptions(StrictOptions):
+    """How every aggregator is trained and evaluated (``-o eval.<field>=value``).
+
+    AdamW with a cosine learning-rate decay from ``lr`` to zero over all steps, no warm-up. AdamW's weight
+    decay is decoupled: each step shrinks the weights by ``lr * weight_decay``, so its useful values are
+    about a hundred times those of Adam's coupled L2 (the 1e-5 of CLAM/HIPT); the default 1e-2 is PyTorch's
+    AdamW default. Biases are not decayed. For the ``mean-linear`` head this decay is the L2 penalty of the
+    logistic regression.
+    """
+
+    epochs: int = Field(20, ge=1, description="Passes over the training bags per fold.")
+    lr: float = Field(2e-4, gt=0, description="Peak AdamW learning rate (cosine decay to 0, no warm-up).")
+    weight_decay: float = Field(
+        1e-2, ge=0, description="AdamW decoupled weight decay on weight matrices (not biases); the L2 of linear heads."
+    )
+    batch_size: int = Field(16, ge=1, description="Bags per optimizer step (padded and masked to the longest bag).")
+    max_tiles: int = Field(
+        512, ge=1, description="Tiles randomly sampled per bag per training step; evaluation always uses all tiles."
+    )
+    class_weighting: Literal["balanced", "none"] = Field(
+        "balanced", description="'balanced': cross-entropy weights n / (C * n_c) from the training labels."
+    )
+    seed: int = Field(0, description="Seed of initialisation, batching, tile sampling and dropout (fold k uses seed + k).")
+    bootstrap: int = Field(1000, ge=0, description="Patient-level bootstrap replicates for the 95% CIs (0: none).")
+    device: str = Field("auto", description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
