@@ -1,0 +1,207 @@
+"""Any timm image model as a histobench encoder.
+
+Wightman, "PyTorch Image Models", https://github.com/huggingface/pytorch-image-models. The model is made by
+``timm.create_model(arch, num_classes=0, ...)`` so that ``forward`` returns timm's pooled pre-logits
+features (the class token for a ViT, global average pooling for a CNN) and ``forward_features`` the token
+or feature map. ViTs are built with ``dynamic_img_size=True`` so that one encoder takes the global and the
+local crops of multi-crop pretexts (DINO); models that do not take ``img_size``/``dynamic_img_size`` are
+built without them.
+
+Weights: random (default), the hub (``pretrained=True``; needs network access on first use), or a local
+file (``checkpoint``): a state dict in ``.pth``/``.pt``/``.bin``/``.safetensors``, possibly nested under
+``state_dict``/``model``/``teacher`` and prefixed by ``module.``/``backbone.``/``model.``; it passes the
+architecture's timm ``checkpoint_filter_fn`` (e.g. position-embedding resizing) and must then match the
+model exactly (the classifier head is ignored).
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field
+
+from histobench.components import Encoder, InputTransform, StrictOptions
+from histobench.errors import HistobenchError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+_OPTIONAL_KWARGS = ("img_size", "dynamic_img_size")
+_NESTING = ("state_dict", "model", "teacher", "module")
+_PREFIXES = ("module.", "backbone.", "model.", "encoder.")
+
+
+class TimmEncoder(Encoder):
+    """A timm model (``timm.create_model``) with pooled features; random, hub or local-file weights."""
+
+    name = "timm"
+    presets = {
+        "demo": {
+            "arch": "vit_small_patch16_224",
+            "model_kwargs": {"patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 3},
+            "img_size": 64,
+        }
+    }
+
+    class Options(StrictOptions):
+        arch: str = Field("vit_small_patch16_224", description="timm model name (timm.list_models()).")
+        pretrained: bool = Field(False, description="Load timm's pretrained weights from the hub.")
+        checkpoint: str | None = Field(None, description="Local weights file (a state dict); overrides the hub.")
+        img_size: int = Field(224, ge=8, description="Input side in pixels.")
+        model_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra timm.create_model kwargs.")
+        dynamic_img_size: bool = Field(True, description="ViTs accept any input size (interpolated positions).")
+        mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="Normalisation mean (RGB).")
+        std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="Normalisation std (RGB).")
+
+    def transform(self) -> InputTransform:
+        return InputTransform(size=self.options.img_size, mean=tuple(self.options.mean), std=tuple(self.options.std))
+
+    def weights_tag(self) -> str:
+        o = self.options
+        if o.checkpoint:
+            return f"file:{Path(o.checkpoint).name}"
+        if o.pretrained:
+            return f"hub:{o.arch}"
+        return "random"
+
+    def build(self) -> "nn.Module":
+        import timm
+
+        o = self.options
+        if not timm.is_model(o.arch):
+            close = difflib.get_close_matches(o.arch, timm.list_models(), n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+            raise HistobenchError(f"unknown timm architecture {o.arch!r}{hint}")
+        ckpt = Path(o.checkpoint).expanduser() if o.checkpoint else None
+        if ckpt is not None and not ckpt.is_file():
+            raise HistobenchError(f"encoder checkpoint file not found: {ckpt}")
+        kwargs = {"num_classes": 0, **o.model_kwargs, "img_size": o.img_size}
+        if o.dynamic_img_size:
+            kwargs["dynamic_img_size"] = True
+        model = _create(o.arch, pretrained=o.pretrained and ckpt is None, **kwargs)
+        if ckpt is not None:
+            _load_checkpoint(model, ckpt)
+        return _backbone_class()(model)
+
+
+def _create(arch: str, pretrained: bool, **kwargs: Any):
+    """``timm.create_model``, dropping optional kwargs the architecture does not take."""
+    import timm
+
+    while True:
+        try:
+            return timm.create_model(arch, pretrained=pretrained, **kwargs)
+        except TypeError as err:
+            bad = [k for k in _OPTIONAL_KWARGS if k in kwargs and f"'{k}'" in str(err)]
+            if not bad:
+                raise HistobenchError(f"timm could not build {arch!r} with {kwargs}: {err}") from None
+            for k in bad:
+                kwargs.pop(k)
+        except (OSError, RuntimeError) as err:
+            if not pretrained:
+                raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise HistobenchError(
+                f"could not load pretrained weights for {arch!r} from the hub ({first}); "
+                f"download them once with network access or pass encoder.checkpoint=FILE"
+            ) from None
+
+
+def _read_state_dict(path: Path) -> dict[str, Any]:
+    import torch
+
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unreadable file is a user error
+            raise HistobenchError(f"could not read encoder checkpoint {path}: {err}") from None
+    for key in _NESTING:  # unwrap training checkpoints
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise HistobenchError(f"encoder checkpoint {path} does not hold a state dict")
+    for prefix in _PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _load_checkpoint(model, path: Path) -> None:
+    state = _read_state_dict(path)
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        try:
+            state = filter_fn(state, model)
+        except Exception:  # noqa: BLE001 - a filter that does not understand the layout: load as is
+            pass
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(("head.", "fc.", "classifier."))}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise HistobenchError(
+            f"encoder checkpoint {path} does not match the model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1].strip()
+        raise HistobenchError(f"encoder checkpoint {path} does not match the model: {first}") from None
+
+
+@functools.cache
+def _backbone_class() -> type:
+    from torch import nn
+
+    class TimmBackbone(nn.Module):
+        """A timm model with ``embed_dim``, ``forward(x) -> [B, D]`` and ``forward_tokens(x) -> [B, T, D]``."""
+
+        def __init__(self, model: nn.Module):
+            super().__init__()
+            self.model = model
+            self.embed_dim = int(model.num_features)
+
+        def forward(self, x):
+            return self.model(x)
+
+        def forward_tokens(self, x):
+            tokens = self.model.forward_features(x)
+            if tokens.ndim == 4:  # a CNN's feature map [B, D, h, w] -> [B, h*w, D]
+                tokens = tokens.flatten(2).transpose(1, 2)
+            return tokens
+
+        def set_drop_path(self, rate: float) -> bool:
+            """Stochastic depth with timm's linear decay rule over the blocks (``rate`` at the last one).
+
+            Returns False when the model has no ``blocks`` with ``drop_path1``/``drop_path2`` (then it is unchanged).
+            """
+            from timm.layers import DropPath
+
+            blocks = list(getattr(self.model, "blocks", []))
+            if not blocks or not all(hasattr(b, "drop_path1") and hasattr(b, "drop_path2") for b in blocks):
+                return False
+            n = len(blocks)
+            for i, block in enumerate(blocks):
+                r = rate * i / max(n - 1, 1)
+                block.drop_path1 = DropPath(r) if r > 0 else nn.Identity()
+                block.drop_path2 = DropPath(r) if r > 0 else nn.Identity()
+            return True
+
+    TimmBackbone.__module__ = __name__
+    TimmBackbone.__qualname__ = "TimmBackbone"
+    return TimmBackbone
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: the module class exists (and pickles) once torch is wanted
+    if name == "TimmBackbone":
+        return _backbone_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
