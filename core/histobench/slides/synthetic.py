@@ -625,26 +625,35 @@ def make_demo_cohort(
             if all((out / p).exists() for p in df["path"]):
                 return df
 
-    rows = []
+    rows, jobs = [], []
     for i in range(n_patients):
         case_id = f"DEMO-{i + 1:04d}"
         for j in range(pattern[i % len(pattern)]):
             slide_id = f"{case_id}-{j + 1:02d}"
             rel = f"slides/{slide_id}.tiff"
-            write_synthetic_slide(
-                out / rel,
-                class_index=assigned[i],
-                n_classes=n_classes,
-                seed=_slide_seed(seed, i, j),
-                size=size,
-                mpp=mpp,
-                signal_fraction=signal_fraction,
-            )
+            jobs.append(dict(path=out / rel, class_index=assigned[i], n_classes=n_classes, seed=_slide_seed(seed, i, j),
+                             size=size, mpp=mpp, signal_fraction=signal_fraction))
             rows.append({"slide_id": slide_id, "case_id": case_id, "path": rel, "label": classes[assigned[i]]})
+    # Each slide is independent and deterministic in its own seed: write them on every core. Forked workers
+    # run numpy and tifffile only, so no torch state is shared with them.
+    workers = min(len(jobs), os.cpu_count() or 1)
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        import multiprocessing
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            list(pool.map(_write_job, jobs))
+    else:
+        for job in jobs:
+            _write_job(job)
     df = pd.DataFrame(rows, columns=["slide_id", "case_id", "path", "label"])
     _atomic_write_text(manifest_path, df.to_csv(index=False))
     _atomic_write_text(params_path, json.dumps(params, indent=2, sort_keys=True) + "\n")
     return df
+
+
+def _write_job(job: dict) -> dict:
+    return write_synthetic_slide(job.pop("path"), **job)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -1,0 +1,46 @@
+"""The ``histobench`` command: a Typer app built by :func:`build_app`, extended by plugins."""
+
+from __future__ import annotations
+
+import typer
+
+from histobench.cli.common import handle_errors
+from histobench.cli.components import KIND_COMMANDS, make_kind_app, plugins_cmd
+from histobench.cli.leaderboard import leaderboard_cmd
+from histobench.cli.run import evaluate_cmd, extract_cmd, pretrain_cmd, run_cmd
+
+
+def build_app() -> typer.Typer:
+    """A fresh app with the core commands, then every plugin's ``register_commands``."""
+    from histobench.plugins import load_plugins
+
+    app = typer.Typer(
+        name="histobench",
+        help="Benchmark self-supervised pretext tasks for computational pathology.",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        add_completion=True,
+    )
+    app.command("run", rich_help_panel="Pipeline")(handle_errors(run_cmd))
+    app.command("pretrain", rich_help_panel="Pipeline")(handle_errors(pretrain_cmd))
+    app.command("extract", rich_help_panel="Pipeline")(handle_errors(extract_cmd))
+    app.command("evaluate", rich_help_panel="Pipeline")(handle_errors(evaluate_cmd))
+    app.command("leaderboard", rich_help_panel="Results")(handle_errors(leaderboard_cmd))
+    app.command("plugins", rich_help_panel="Plugins")(handle_errors(plugins_cmd))
+    for command, kind in KIND_COMMANDS.items():
+        app.add_typer(make_kind_app(command, kind), name=command, rich_help_panel="Plugins")
+    pm = load_plugins()
+    pm.hook.register_commands(app=app)
+    return app
+
+
+def main() -> None:
+    from histobench.cli.common import err_console
+    from histobench.errors import HistobenchError
+
+    try:
+        app = build_app()
+    except HistobenchError as err:  # a broken plugin: say which, and how to start without it
+        err_console.print(f"[bold red]error:[/] {err} (HISTOBENCH_DISABLE_PLUGINS=name skips a plugin)")
+        raise SystemExit(2) from None
+    app()

@@ -1,0 +1,68 @@
+"""Shared CLI pieces: option aliases, completion, the error boundary, consoles."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+from rich.console import Console
+
+from histobench.errors import HistobenchError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn a :class:`HistobenchError` into one red line on stderr and exit code 2 (never a traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except HistobenchError as err:
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]: finished stages are cached; run the same command to resume")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _completer(kind: str):
+    def complete(incomplete: str) -> list[str]:
+        from histobench.registry import get_components
+
+        try:
+            return [n for n in get_components(kind) if n.startswith(incomplete)]
+        except Exception:  # completion must never crash the shell
+            return []
+
+    return complete
+
+
+TaskOpt = Annotated[str, typer.Option("--task", "-t", help="Task name (histobench tasks list).", autocompletion=_completer("task"))]
+PretextOpt = Annotated[str, typer.Option("--pretext", "-p", help="Pretext name (histobench pretexts list), or 'none'.", autocompletion=_completer("pretext"))]
+EncoderOpt = Annotated[str, typer.Option("--encoder", "-e", help="Encoder name (histobench encoders list).", autocompletion=_completer("encoder"))]
+AggregatorOpt = Annotated[Optional[str], typer.Option("--aggregator", "-a", help="Aggregator (default: the task's).", autocompletion=_completer("aggregator"))]
+OptionsOpt = Annotated[Optional[list[str]], typer.Option("--option", "-o", help="prefix.key=value, prefix one of encoder, pretext, aggregator, task, train, eval. Repeatable.")]
+DemoOpt = Annotated[bool, typer.Option("--demo", help="Use the task's synthetic stand-in cohort and CPU-sized presets.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of pretraining and aggregator training.")]
+TrackingOpt = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or MLflow's local store).", envvar="MLFLOW_TRACKING_URI")]
+WorkdirOpt = Annotated[Path, typer.Option("--workdir", help="Where tiles, checkpoints and features are cached.", envvar="HISTOBENCH_WORKDIR")]
+DataRootOpt = Annotated[Optional[Path], typer.Option("--data-root", help="Folder with the task's slides.", envvar="HISTOBENCH_DATA_ROOT")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="torch device (default: cuda if available, else cpu).")]
+
+
+def reporter():
+    from histobench.reporting import RichReporter
+
+    return RichReporter(err_console)
+
+
+def is_tty() -> bool:
+    return sys.stdout.isatty()

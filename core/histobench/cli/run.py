@@ -1,0 +1,160 @@
+"""``histobench run`` and the single-stage commands ``pretrain``, ``extract``, ``evaluate``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from histobench.cli.common import (AggregatorOpt, DataRootOpt, DemoOpt, DeviceOpt, EncoderOpt, OptionsOpt, PretextOpt,
+                                   SeedOpt, TaskOpt, TrackingOpt, WorkdirOpt, console, handle_errors, reporter)
+
+DEFAULT_WORKDIR = Path("histobench-work")
+
+
+def _spec(task, pretext, encoder, aggregator, option, demo, seed, workdir, data_root, tracking_uri, device, track=True):
+    from histobench.options import parse_options
+    from histobench.pipeline import RunSpec
+
+    return RunSpec(task=task, pretext=pretext, encoder=encoder, aggregator=aggregator, options=parse_options(option),
+                   demo=demo, seed=seed, workdir=workdir, data_root=data_root, tracking_uri=tracking_uri,
+                   track=track, device=device)
+
+
+def print_result(per_fold, summary, primary: str, title: str) -> None:
+    metrics = list(summary)
+    table = Table(title=title, title_justify="left")
+    table.add_column("fold")
+    for m in metrics:
+        table.add_column(m + (" *" if m == primary else ""), justify="right")
+    for i, fm in enumerate(per_fold):
+        table.add_row(str(i), *(f"{fm.get(m, float('nan')):.3f}" for m in metrics))
+    table.add_section()
+    table.add_row("mean ± sd", *(f"{summary[m]['mean']:.3f} ± {summary[m]['sd']:.3f}" for m in metrics))
+    if all("ci_low" in summary[m] for m in metrics):
+        table.add_row("95% CI", *(f"[{summary[m]['ci_low']:.3f}, {summary[m]['ci_high']:.3f}]" for m in metrics))
+    console.print(table)
+
+
+def run_cmd(
+    task: TaskOpt,
+    pretext: PretextOpt = "none",
+    encoder: EncoderOpt = "timm",
+    aggregator: AggregatorOpt = None,
+    option: OptionsOpt = None,
+    demo: DemoOpt = False,
+    seed: SeedOpt = 0,
+    tracking_uri: TrackingOpt = None,
+    workdir: WorkdirOpt = DEFAULT_WORKDIR,
+    data_root: DataRootOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Pretrain, extract, evaluate and log one pretext on one task.
+
+    Example: histobench run --pretext dino --task tcga-nsclc --demo -o train.epochs=2
+    """
+    from histobench.pipeline import run
+
+    spec = _spec(task, pretext, encoder, aggregator, option, demo, seed, workdir, data_root, tracking_uri, device)
+    result = run(spec, reporter())
+    print_result(result.per_fold, result.summary, result.primary_metric,
+                 f"{task} · pretext {pretext} · {result.seconds:.0f} s")
+    if result.run_id:
+        console.print(f"MLflow run [bold]{result.run_id}[/] at {result.tracking_uri}", highlight=False)
+
+
+def pretrain_cmd(
+    task: TaskOpt,
+    pretext: PretextOpt,
+    encoder: EncoderOpt = "timm",
+    option: OptionsOpt = None,
+    demo: DemoOpt = False,
+    seed: SeedOpt = 0,
+    workdir: WorkdirOpt = DEFAULT_WORKDIR,
+    data_root: DataRootOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Only pretrain: tile the task's cohort and train the pretext; prints the encoder weights file."""
+    from histobench.errors import HistobenchError
+    from histobench.pipeline import load_cohort, pretrain_stage, resolve, tile_cohort
+
+    if pretext == "none":
+        raise HistobenchError("pretrain needs --pretext")
+    spec = _spec(task, pretext, encoder, None, option, demo, seed, workdir, data_root, None, device, track=False)
+    rep = reporter()
+    comps = resolve(spec)
+    slides = tile_cohort(load_cohort(spec, comps.task, rep), comps.task, workdir, rep)
+    _, result, out_dir = pretrain_stage(spec, comps, slides, rep)
+    console.print(f"{result.steps} steps, {result.images_per_second:.1f} img/s; encoder weights: {out_dir / 'encoder.pt'}")
+
+
+def extract_cmd(
+    task: TaskOpt,
+    encoder: EncoderOpt = "timm",
+    weights: Annotated[Optional[Path], typer.Option("--weights", help="Encoder state dict (e.g. from histobench pretrain).")] = None,
+    option: OptionsOpt = None,
+    demo: DemoOpt = False,
+    seed: SeedOpt = 0,
+    workdir: WorkdirOpt = DEFAULT_WORKDIR,
+    data_root: DataRootOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Only extract: encode the task's tiles into one HDF5 file per slide; prints the folder."""
+    import torch
+
+    from histobench.errors import HistobenchError
+    from histobench.pipeline import extract_stage, load_cohort, resolve, tile_cohort
+
+    spec = _spec(task, "none", encoder, None, option, demo, seed, workdir, data_root, None, device, track=False)
+    rep = reporter()
+    comps = resolve(spec)
+    torch.manual_seed(seed)
+    module = comps.encoder.build()
+    tag = comps.encoder.weights_tag()
+    if weights is not None:
+        if not weights.exists():
+            raise HistobenchError(f"weights file {weights} does not exist")
+        try:
+            module.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        except RuntimeError as err:
+            raise HistobenchError(f"weights file {weights} does not fit encoder {encoder!r}: {str(err).splitlines()[0]}") from None
+        tag = f"file-{weights.stem}"
+    slides = tile_cohort(load_cohort(spec, comps.task, rep), comps.task, workdir, rep)
+    features, res, _ = extract_stage(spec, comps, module, slides, rep, tag)
+    console.print(f"{res.extracted} slides extracted, {res.skipped} cached, {res.tiles_per_second:.0f} tiles/s: {features.root}")
+
+
+def evaluate_cmd(
+    task: TaskOpt,
+    features: Annotated[Path, typer.Option("--features", help="Folder of <slide_id>.h5 files (features, coords), e.g. from CLAM or TRIDENT.")],
+    aggregator: AggregatorOpt = None,
+    option: OptionsOpt = None,
+    demo: DemoOpt = False,
+    seed: SeedOpt = 0,
+    tracking_uri: TrackingOpt = None,
+    workdir: WorkdirOpt = DEFAULT_WORKDIR,
+    data_root: DataRootOpt = None,
+    no_track: Annotated[bool, typer.Option("--no-track", help="Do not log to MLflow.")] = False,
+) -> None:
+    """Only evaluate: the task's protocol on a folder of per-slide feature files."""
+    from histobench.features.cache import FeatureDir
+    from histobench.pipeline import evaluate_stage, load_cohort, resolve
+    from histobench.tracking import Tracker
+
+    spec = _spec(task, "none", "timm", aggregator, option, demo, seed, workdir, data_root, tracking_uri, None, track=not no_track)
+    rep = reporter()
+    comps = resolve(spec)
+    feats = FeatureDir(features)
+    manifest = load_cohort(spec, comps.task, rep)
+    tracker = Tracker(tracking_uri, enabled=not no_track)
+    with tracker.run(comps.task.name, f"features:{features.name}+{comps.aggregator.name}", stage="run") as run_id:
+        tracker.params({"run": {"pretext": f"features:{features.name}", "seed": seed, "demo": demo}, "features": str(features), "aggregator": comps.resolved()["aggregator"],
+                        "eval": comps.eval.model_dump(), "task": comps.resolved()["task"]})
+        result, splits = evaluate_stage(spec, comps, manifest, feats, rep)
+        tracker.tags({"histobench.split_hash": splits.hash})
+        tracker.metrics({f"{m}_{k}": v for m, s in result.summary.items() for k, v in s.items()})
+    print_result(result.per_fold, result.summary, comps.task.primary_metric, f"{task} · features {features}")
+    if run_id:
+        console.print(f"MLflow run [bold]{run_id}[/]")

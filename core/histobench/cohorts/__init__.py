@@ -1,0 +1,1 @@
+"""Cohort manifests, splits and the leakage audit."""

@@ -1,0 +1,1 @@
+"""Feature extraction and the per-slide HDF5 feature cache."""

@@ -1,0 +1,308 @@
+"""``histobench run``: cohort -> tiles -> pretraining -> extraction -> evaluation, tracked in MLflow.
+
+Each stage is a function that the single-stage commands (``pretrain``, ``extract``, ``evaluate``) reuse.
+Every stage caches its output under the work directory, keyed by everything that changes it, so a rerun
+(or a crashed run started again) only does what is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from histobench.components import Aggregator, Encoder, Pretext, Task, TrainOptions
+from histobench.errors import HistobenchError
+from histobench.options import validate_model
+from histobench.registry import create, get_component
+from histobench.reporting import Reporter
+
+NO_PRETEXT = "none"
+
+
+@dataclass
+class RunSpec:
+    """Everything a run is made of, as the user gave it (names and ``-o`` options by prefix)."""
+
+    task: str
+    pretext: str = NO_PRETEXT
+    encoder: str = "timm"
+    aggregator: str | None = None
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    demo: bool = False
+    seed: int = 0
+    workdir: Path = Path("histobench-work")
+    data_root: Path | None = None
+    tracking_uri: str | None = None
+    track: bool = True
+    device: str | None = None
+
+
+@dataclass
+class Components:
+    """The resolved components and policies of a run."""
+
+    task: Task
+    encoder: Encoder
+    pretext: Pretext | None
+    aggregator: Aggregator
+    train: TrainOptions | None
+    eval: Any  # EvalOptions
+
+    def resolved(self) -> dict[str, Any]:
+        out = {
+            "task": {"name": self.task.name, **self.task.options.model_dump()},
+            "encoder": {"name": self.encoder.name, **self.encoder.options.model_dump()},
+            "aggregator": {"name": self.aggregator.name, **self.aggregator.options.model_dump()},
+            "eval": self.eval.model_dump(),
+        }
+        if self.pretext is not None:
+            out["pretext"] = {"name": self.pretext.name, **self.pretext.options.model_dump()}
+            out["train"] = self.train.model_dump()
+        return out
+
+
+def resolve(spec: RunSpec) -> Components:
+    """Build every component from its name, the ``demo`` preset when ``--demo``, then the ``-o`` options."""
+    from histobench.evaluate.options import EvalOptions
+
+    preset = "demo" if spec.demo else None
+    opts = spec.options
+    task = create("task", spec.task, opts.get("task"), preset)
+    encoder = create("encoder", spec.encoder, opts.get("encoder"), preset)
+    pretext = None
+    train = None
+    if spec.pretext != NO_PRETEXT:
+        pretext = create("pretext", spec.pretext, opts.get("pretext"), preset)
+        cls = type(pretext)
+        train = validate_model(TrainOptions, {**cls.train_defaults, **cls.train_presets.get(preset or "", {}),
+                                              **opts.get("train", {})}, "train", "the training loop")
+    elif opts.get("train") or opts.get("pretext"):
+        raise HistobenchError("pretext./train. options were given but --pretext is none")
+    aggregator = create("aggregator", spec.aggregator or task.default_aggregator, opts.get("aggregator"), preset)
+    ev = validate_model(EvalOptions, {**getattr(type(task), "eval_defaults", {}), **opts.get("eval", {})},
+                        "eval", "the evaluation protocol")
+    return Components(task, encoder, pretext, aggregator, train, ev)
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------------- stages
+
+
+def load_cohort(spec: RunSpec, task: Task, reporter: Reporter):
+    """The task's manifest: the synthetic stand-in with ``--demo``, else the cohort under the data root."""
+    from histobench.cohorts.manifest import data_root, validate_manifest
+
+    if spec.demo:
+        out = Path(spec.workdir) / "demo" / task.name
+        with reporter.stage(f"demo cohort {task.name}", total=None, unit="slides"):
+            df = task.demo_cohort(out, seed=0)
+    else:
+        df = task.cohort(data_root(spec.data_root))
+    df = validate_manifest(df, ["label"] if task.task_kind != "survival" else ["time", "event"], source=f"task {task.name}")
+    reporter.info(f"cohort {task.name}: {len(df)} slides, {df['case_id'].nunique()} patients")
+    return df
+
+
+def tile_cohort(manifest, task: Task, workdir: Path, reporter: Reporter):
+    """Tile every slide at the task's µm/px and size (cached per slide); returns ``[SlideTiles]``."""
+    from histobench.pretrain.data import SlideTiles
+    from histobench.slides.reader import open_slide
+    from histobench.slides.tiling import TileSet, tile_slide
+
+    o = task.options
+    key = f"mpp{o.mpp:g}-px{o.tile_size}-t{o.min_tissue:g}"
+    out_dir = Path(workdir) / "tiles" / key
+    slides, skipped = [], []
+    with reporter.stage(f"tile {task.name}", total=len(manifest), unit="slides") as st:
+        for row in manifest.itertuples():
+            path = out_dir / f"{row.slide_id}.npz"
+            try:
+                if path.exists():
+                    tiles = TileSet.load(path)
+                else:
+                    with open_slide(row.path) as slide:
+                        tiles = tile_slide(slide, mpp=o.mpp, tile_size=o.tile_size, min_tissue=o.min_tissue)
+                    tiles.save(path)
+            except HistobenchError as err:
+                skipped.append(row.slide_id)
+                reporter.warn(f"slide {row.slide_id}: {err}")
+                st.advance()
+                continue
+            if len(tiles) == 0:
+                skipped.append(row.slide_id)
+                reporter.warn(f"slide {row.slide_id}: no tissue tiles at {o.mpp:g} µm/px")
+            else:
+                slides.append(SlideTiles(row.slide_id, Path(row.path), tiles))
+            st.advance()
+    if not slides:
+        raise HistobenchError(f"no slide of task {task.name} has tissue tiles")
+    n = sum(len(s.tiles) for s in slides)
+    reporter.info(f"tiles: {n} from {len(slides)} slides ({len(skipped)} skipped) at {o.mpp:g} µm/px, {o.tile_size} px")
+    return slides
+
+
+def _cap(slides, max_tiles: int, seed: int):
+    from histobench.pretrain.data import SlideTiles
+    from histobench.slides.tiling import select_tiles
+
+    if not max_tiles:
+        return slides
+    return [SlideTiles(s.slide_id, s.path, select_tiles(s.tiles, max_tiles, seed), s.mpp) for s in slides]
+
+
+def pretrain_stage(spec: RunSpec, comps: Components, slides, reporter: Reporter, tracker=None):
+    """Train the pretext on the cohort's tiles; returns ``(encoder module, PretrainResult)``."""
+    from histobench.pretrain.data import SlideTileDataset, cache_uint8
+    from histobench.pretrain.trainer import pretrain
+
+    train = comps.train
+    capped = _cap(slides, train.max_tiles_per_slide, spec.seed)
+    dataset = SlideTileDataset(capped)
+    data_key = _digest([(s.slide_id, s.tiles.key(), len(s.tiles)) for s in capped])
+    data = cache_uint8(dataset, Path(spec.workdir) / "tilecache" / f"{data_key}.npy", reporter, train.num_workers)
+    fingerprint = _digest({"resolved": comps.resolved(), "data": data_key, "seed": spec.seed})
+    out_dir = Path(spec.workdir) / "pretrain" / f"{comps.pretext.name}-{fingerprint}"
+    result = pretrain(comps.pretext, comps.encoder, data, train, out_dir=out_dir, seed=spec.seed,
+                      device=spec.device, reporter=reporter, tracker=tracker)
+    import torch
+
+    torch.save(result.encoder.state_dict(), out_dir / "encoder.pt")
+    return result.encoder, result, out_dir
+
+
+def extract_stage(spec: RunSpec, comps: Components, encoder, slides, reporter: Reporter, weights_tag: str):
+    """Encode every tile; returns ``(FeatureDir, ExtractResult, weights hash)``."""
+    from histobench.features.cache import FeatureDir, cache_key, weights_hash
+    from histobench.features.extract import extract_features
+
+    o = comps.task.options
+    slides = _cap(slides, o.max_tiles_per_slide, 0)
+    w = weights_hash(encoder)
+    name = f"{comps.encoder.name}:{weights_tag}"
+    out = Path(spec.workdir) / "features" / cache_key(name, w, o.mpp, o.tile_size)
+    res = extract_features(encoder, comps.encoder.transform(), slides, out, encoder_name=name, weights=w,
+                           device=spec.device, reporter=reporter, num_workers=0 if spec.demo else 2)
+    return FeatureDir(out), res, w
+
+
+def evaluate_stage(spec: RunSpec, comps: Components, manifest, features, reporter: Reporter):
+    """Patient-level k-fold evaluation of the aggregator on the features; returns ``(EvalResult, Splits)``."""
+    from histobench.cohorts.splits import make_splits
+    from histobench.evaluate.protocol import evaluate_features
+
+    task = comps.task
+    stratify = "event" if task.task_kind == "survival" else "label"
+    splits = make_splits(manifest, folds=task.options.folds, seed=0, stratify=stratify)
+    splits.save(Path(spec.workdir) / "splits" / f"{task.name}-{splits.hash}.csv")
+    with reporter.stage(f"evaluate {comps.aggregator.name}", total=task.options.folds, unit="folds") as st:
+        result = evaluate_features(task_kind=task.task_kind, classes=list(task.classes), manifest=manifest,
+                                   features=features, splits=splits, aggregator=comps.aggregator, opts=comps.eval,
+                                   metrics=list(task.metrics) or None,
+                                   progress=lambda *_: st.advance())
+    return result, splits
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+@dataclass
+class RunResult:
+    run_id: str | None
+    per_fold: list[dict[str, float]]
+    summary: dict[str, dict[str, float]]
+    primary_metric: str
+    seconds: float
+    tracking_uri: str
+
+
+def provenance(comps: Components) -> dict[str, str]:
+    from histobench import __version__
+    from histobench.plugins import plugin_versions
+    from histobench.tracking import git_sha, hardware
+
+    names = {"task": comps.task.name, "encoder": comps.encoder.name, "aggregator": comps.aggregator.name}
+    if comps.pretext is not None:
+        names["pretext"] = comps.pretext.name
+    plugins = {}
+    for kind, name in names.items():
+        entry = get_component(kind, name)
+        plugins[f"histobench.plugin.{kind}"] = f"{entry.plugin} {entry.version}"
+    return {"histobench.version": __version__, "histobench.git_sha": git_sha(),
+            **{f"histobench.hw.{k}": v for k, v in hardware().items()}, **plugins,
+            "histobench.plugins": json.dumps(plugin_versions())}
+
+
+def run(spec: RunSpec, reporter: Reporter | None = None) -> RunResult:
+    """The whole pipeline for one task and one pretext, logged as one MLflow parent run."""
+    from histobench.tracking import Tracker, write_json
+
+    reporter = reporter or Reporter()
+    t0 = time.perf_counter()
+    comps = resolve(spec)
+    if not spec.demo:  # a missing data root is a user mistake, not a failed run
+        from histobench.cohorts.manifest import data_root
+
+        data_root(spec.data_root)
+    tracker = Tracker(spec.tracking_uri, enabled=spec.track)
+    task = comps.task
+    pretext_name = comps.pretext.name if comps.pretext else NO_PRETEXT
+    run_name = f"{pretext_name}+{comps.encoder.name}+{comps.aggregator.name}" + ("-demo" if spec.demo else "")
+    with tracker.run(task.name, run_name, stage="run", tags={"histobench.demo": spec.demo}) as run_id:
+        tracker.params({"run": {"pretext": pretext_name, "seed": spec.seed, "demo": spec.demo}, **comps.resolved()})
+        tracker.tags(provenance(comps))
+        manifest = load_cohort(spec, task, reporter)
+        slides = tile_cohort(manifest, task, spec.workdir, reporter)
+        tracker.metrics({"cohort/slides": len(manifest), "cohort/patients": manifest["case_id"].nunique(),
+                         "cohort/tiles": sum(len(s.tiles) for s in slides)})
+
+        if comps.pretext is not None:
+            with tracker.run(task.name, f"pretrain {pretext_name}", stage="pretrain", nested=True):
+                tracker.params({"pretext": comps.resolved()["pretext"], "train": comps.train.model_dump()})
+                encoder, pre, ckpt_dir = pretrain_stage(spec, comps, slides, reporter, tracker)
+                tracker.metrics({"pretrain/images_per_second": pre.images_per_second, "pretrain/steps": pre.steps,
+                                 "pretrain/final_loss": pre.history[-1]["loss"] if pre.history else float("nan")})
+                tracker.artifact(ckpt_dir / "encoder.pt", "encoder")
+            weights_tag = f"{pretext_name}-{ckpt_dir.name.rsplit('-', 1)[-1]}"
+        else:
+            import torch
+
+            torch.manual_seed(spec.seed)
+            encoder = comps.encoder.build()
+            weights_tag = comps.encoder.weights_tag()
+
+        with tracker.run(task.name, "extract", stage="extract", nested=True):
+            features, ext, w = extract_stage(spec, comps, encoder, slides, reporter, weights_tag)
+            tracker.params({"encoder": comps.encoder.name, "weights_hash": w, "feature_dir": str(features.root)})
+            tracker.metrics({"extract/tiles_per_second": ext.tiles_per_second, "extract/tiles": ext.tiles,
+                             "extract/slides_extracted": ext.extracted, "extract/slides_cached": ext.skipped})
+        tracker.tags({"histobench.weights_hash": w})
+
+        result, splits = evaluate_stage(spec, comps, manifest, features, reporter)
+        tracker.tags({"histobench.split_hash": splits.hash})
+        for i, fold_metrics in enumerate(result.per_fold):
+            with tracker.run(task.name, f"fold {i}", stage="fold", nested=True):
+                tracker.params({"fold": i, "split_hash": splits.hash})
+                tracker.metrics(fold_metrics)
+        summary_metrics = {}
+        for metric, s in result.summary.items():
+            for stat, value in s.items():
+                summary_metrics[f"{metric}_{stat}"] = value
+        seconds = time.perf_counter() - t0
+        summary_metrics["wall_seconds"] = seconds
+        summary_metrics["eval/slides_skipped"] = result.n_skipped
+        tracker.metrics(summary_metrics)
+        art = Path(spec.workdir) / "runs" / (run_id or "untracked")
+        art.mkdir(parents=True, exist_ok=True)
+        result.predictions.to_csv(art / "predictions.csv", index=False)
+        write_json({"spec": {k: str(v) for k, v in spec.__dict__.items()}, "resolved": comps.resolved()}, art / "config.json")
+        tracker.artifact(art / "predictions.csv")
+        tracker.artifact(art / "config.json")
+        tracker.artifact(Path(spec.workdir) / "splits" / f"{task.name}-{splits.hash}.csv", "splits")
+    return RunResult(run_id, result.per_fold, result.summary, task.primary_metric, time.perf_counter() - t0, tracker.uri)

@@ -1,0 +1,1 @@
+"""The one pretraining loop used by every pretext."""

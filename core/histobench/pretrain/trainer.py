@@ -1,0 +1,281 @@
+"""The one pretraining loop. Every pretext runs here; none writes its own loop.
+
+It owns: seeding (every step reseeds from ``(seed, step)``, so a resumed run repeats the uninterrupted loss
+sequence exactly), device placement, bf16 autocast on CUDA, optional ``torch.compile``, AdamW (fused on
+CUDA) with per-step cosine learning-rate and weight-decay schedules, gradient clipping, checkpoints with
+resume, a stop on a non-finite loss that keeps the last good checkpoint, throughput and memory logging,
+and data parallelism under ``torchrun`` (gradients averaged over ranks with ``torch.distributed``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from histobench.components import Encoder, PretrainContext, Pretext, TrainOptions
+from histobench.errors import HistobenchError
+from histobench.pretrain.schedules import cosine_schedule
+from histobench.reporting import Reporter
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class NonFiniteLossError(HistobenchError):
+    """Training stopped on a NaN or infinite loss."""
+
+
+@dataclass
+class PretrainResult:
+    encoder: Any  # nn.Module
+    checkpoint: Path | None
+    steps: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    images_per_second: float = 0.0
+    resumed_from: int = 0
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the ``torchrun`` process group if the environment describes one; returns ``(rank, world)``."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """The index batches of one epoch for one rank: a seeded permutation, dropped remainder, split over ranks."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(n)
+    per_rank = batch_size // world
+    global_batches = len(order) // batch_size
+    out = []
+    for b in range(global_batches):
+        chunk = order[b * batch_size:(b + 1) * batch_size]
+        out.append(chunk[rank * per_rank:(rank + 1) * per_rank].tolist())
+    return out
+
+
+def _param_groups(modules: dict[str, Any]):
+    decay, no_decay = [], []
+    seen = set()
+    for module in modules.values():
+        for name, p in module.named_parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "apply_wd": True}, {"params": no_decay, "weight_decay": 0.0, "apply_wd": False}]
+
+
+def _average_gradients(params: list) -> None:
+    dist = _dist()
+    if dist is None:
+        return
+    import torch
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    import torch
+
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def pretrain(
+    pretext: Pretext,
+    encoder_component: Encoder,
+    dataset: Any,
+    opts: TrainOptions,
+    *,
+    out_dir: Path,
+    seed: int = 0,
+    device: str | None = None,
+    reporter: Reporter | None = None,
+    tracker: Any = None,
+    resume: bool = True,
+    max_steps: int | None = None,
+) -> PretrainResult:
+    """Train ``pretext`` on ``dataset`` (yielding ``(uint8 [3,S,S], slide_index, tile_index)``).
+
+    ``out_dir`` holds ``checkpoint.pt``; with ``resume`` an existing checkpoint there is continued.
+    ``max_steps`` stops early (used to test resume); the schedules still span the full run.
+    """
+    import torch
+
+    reporter = reporter or Reporter()
+    rank, world = init_distributed()
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if opts.batch_size % world:
+        raise HistobenchError(f"train.batch_size={opts.batch_size} is not divisible by the {world} ranks")
+    n = len(dataset)
+    steps_per_epoch = n // opts.batch_size
+    if steps_per_epoch == 0:
+        raise HistobenchError(
+            f"only {n} training tiles for train.batch_size={opts.batch_size}: lower train.batch_size or add slides"
+        )
+    if opts.steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, opts.steps_per_epoch)
+    total = steps_per_epoch * opts.epochs
+
+    torch.manual_seed(seed)
+    encoder = encoder_component.build().to(dev)
+    if opts.compile:
+        encoder = torch.compile(encoder)
+    ctx = PretrainContext(device=dev, total_steps=total, steps_per_epoch=steps_per_epoch, epochs=opts.epochs,
+                          batch_size=opts.batch_size, encoder_component=encoder_component, seed=seed,
+                          world_size=world, rank=rank)
+    pretext.setup(encoder, ctx)
+    modules = pretext.student_modules()
+    groups = _param_groups(modules)
+    params = [p for g in groups for p in g["params"]]
+    lr_peak = opts.lr * opts.batch_size / 256.0
+    lr_sched = cosine_schedule(lr_peak, opts.min_lr, total, int(opts.warmup_epochs * steps_per_epoch))
+    wd_sched = cosine_schedule(opts.weight_decay, opts.weight_decay_end, total)
+    fused = dev.type == "cuda"
+    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "apply_wd"} for g in groups],
+                                  lr=lr_peak, fused=fused)
+    use_bf16 = opts.precision == "bf16" or (opts.precision == "auto" and dev.type == "cuda")
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / CHECKPOINT
+    start = 0
+    history: list[dict[str, float]] = []
+    if resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        if state.get("total_steps") == total and state["step"] <= total:
+            pretext.load_state_dict(state["pretext"])
+            optimizer.load_state_dict(state["optimizer"])
+            start = int(state["step"])
+            history = list(state.get("history", []))
+            reporter.info(f"resuming pretraining from step {start}/{total} ({ckpt_path})")
+        else:
+            reporter.warn(f"ignoring checkpoint {ckpt_path}: it was made for a different schedule")
+
+    def save(step: int) -> None:
+        if rank == 0:
+            _save_atomic({"pretext": pretext.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                          "total_steps": total, "history": history, "train_options": opts.model_dump()}, ckpt_path)
+
+    stop = total if max_steps is None else min(total, max_steps)
+    step = start
+    images_seen, t_start = 0, time.perf_counter()
+    with reporter.stage(f"pretrain {pretext.name}", total=total, unit="img") as st:
+        st.done = start
+        epoch = start // steps_per_epoch
+        while step < stop:
+            diag = pretext.on_epoch_start(epoch, dataset)
+            if diag and tracker is not None:
+                tracker.metrics({f"epoch/{k}": v for k, v in diag.items()}, step=epoch)
+            batches = epoch_batches(n, opts.batch_size, seed, epoch, rank, world)[:steps_per_epoch]
+            first = step - epoch * steps_per_epoch
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_sampler=batches[first:], num_workers=opts.num_workers,
+                pin_memory=dev.type == "cuda", persistent_workers=False,
+                prefetch_factor=4 if opts.num_workers else None,
+            )
+            epoch_losses = []
+            for images, slide_idx, tile_idx in loader:
+                if step >= stop:
+                    break
+                torch.manual_seed(seed * 1_000_003 + step)
+                for i, g in enumerate(optimizer.param_groups):
+                    g["lr"] = float(lr_sched[step])
+                    if groups[i]["apply_wd"]:
+                        g["weight_decay"] = float(wd_sched[step])
+                batch = {
+                    "images": images.to(dev, non_blocking=True),
+                    "slide_index": slide_idx.to(dev, non_blocking=True),
+                    "tile_index": tile_idx.to(dev, non_blocking=True),
+                }
+                try:
+                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                        out = pretext.training_step(batch, step)
+                except torch.cuda.OutOfMemoryError:
+                    raise HistobenchError(
+                        f"CUDA ran out of memory at train.batch_size={opts.batch_size}; lower it, "
+                        f"e.g. -o train.batch_size={max(opts.batch_size // 2, 1)}"
+                    ) from None
+                loss = out["loss"]
+                if not torch.isfinite(loss).all():
+                    raise NonFiniteLossError(
+                        f"non-finite loss ({loss.item()}) at step {step} (epoch {epoch}) of pretext {pretext.name!r}; "
+                        f"the last good checkpoint is kept at {ckpt_path if ckpt_path.exists() else '(none yet)'}; "
+                        f"try a lower train.lr"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                _average_gradients(params)
+                if opts.clip_grad > 0:
+                    torch.nn.utils.clip_grad_norm_(params, opts.clip_grad)
+                pretext.before_optimizer_step(step)
+                optimizer.step()
+                pretext.after_optimizer_step(step)
+                step += 1
+                images_seen += len(images) * world
+                logged = _scalars(out)
+                logged["lr"] = float(lr_sched[step - 1])
+                logged["weight_decay"] = float(wd_sched[step - 1])
+                epoch_losses.append(logged["loss"])
+                history.append({"step": step - 1, **logged})
+                st.advance(1)
+                st.set(loss=logged["loss"], epoch=epoch)
+                if tracker is not None and (step % 10 == 0 or step == stop):
+                    tracker.metrics({f"train/{k}": v for k, v in logged.items()}, step=step - 1)
+                if opts.checkpoint_every and step % opts.checkpoint_every == 0:
+                    save(step)
+            if step % steps_per_epoch == 0 or step == stop:
+                save(step)
+            elapsed = time.perf_counter() - t_start
+            if tracker is not None and epoch_losses:
+                m = {"epoch/loss": float(np.mean(epoch_losses)), "epoch/images_per_second": images_seen / max(elapsed, 1e-9)}
+                if dev.type == "cuda":
+                    m["epoch/max_memory_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
+                tracker.metrics(m, step=epoch)
+            epoch += 1
+    ips = images_seen / max(time.perf_counter() - t_start, 1e-9)
+    return PretrainResult(encoder=pretext.trained_encoder(), checkpoint=ckpt_path if ckpt_path.exists() else None,
+                          steps=step, history=history, images_per_second=ips, resumed_from=start)
+
+
+def _scalars(out: dict[str, Any]) -> dict[str, float]:
+    """The scalar entries of a ``training_step`` result, as floats."""
+    logged = {}
+    for k, v in out.items():
+        if hasattr(v, "detach"):
+            if v.numel() == 1:
+                logged[k] = float(v.detach().float())
+        elif isinstance(v, (int, float)):
+            logged[k] = float(v)
+    return logged

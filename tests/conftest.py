@@ -1,0 +1,38 @@
+import os
+
+# Hermetic runs: only the built-in plugins, no network, MLflow never in the working directory.
+os.environ.setdefault("HISTOBENCH_LOAD_PLUGINS", "timm,dino,mil,tcga")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+
+import tempfile  # noqa: E402
+
+import pytest  # noqa: E402
+
+# No test may write MLflow's default store into the working directory.
+_TRACKING_DIR = tempfile.mkdtemp(prefix="histobench-mlflow-")
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_TRACKING_DIR}/mlflow.db"
+
+
+@pytest.fixture
+def register_plugin():
+    """Register a throwaway plugin object for one test: ``register_plugin(obj, name)``."""
+    from histobench.plugins import load_plugins
+
+    pm = load_plugins()
+    names = []
+
+    def register(plugin, name):
+        pm.register(plugin, name=name)
+        names.append(name)
+        return plugin
+
+    yield register
+    for name in names:
+        pm.unregister(name=name)
+
+
+@pytest.fixture
+def tracking_uri(tmp_path):
+    """A fresh SQLite MLflow store for one test."""
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"

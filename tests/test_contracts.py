@@ -1,0 +1,28 @@
+"""Every registered component passes the shared contract checks (timm-style: a new plugin is covered for free)."""
+
+import pytest
+
+from histobench.registry import get_components
+from histobench.testing import check_aggregator, check_encoder, check_pretext, check_task
+
+
+@pytest.mark.parametrize("name", sorted(get_components("encoder")))
+def test_encoder_contract(name):
+    check_encoder(name)
+
+
+@pytest.mark.parametrize("name", sorted(get_components("pretext")))
+def test_pretext_contract(name):
+    losses = check_pretext(name)
+    assert len(losses) == 3
+
+
+@pytest.mark.parametrize("name", sorted(get_components("aggregator")))
+def test_aggregator_contract(name):
+    check_aggregator(name)
+
+
+@pytest.mark.parametrize("name", sorted(get_components("task")))
+def test_task_contract(name, tmp_path):
+    df = check_task(name, tmp_path)
+    assert len(df) >= 10

@@ -1,0 +1,82 @@
+"""End to end: `histobench run --demo` through the CLI, MLflow's run tree, the leaderboard, resumed stages."""
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from histobench.cli.app import build_app
+
+runner = CliRunner()
+
+SMALL = ["-o", "task.demo_patients=12", "-o", "task.demo_slide_px=1536", "-o", "task.folds=3", "-o", "eval.epochs=8"]
+
+
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("demo")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    common = ["--task", "tcga-nsclc", "--demo", "--workdir", str(tmp / "work"), "--tracking-uri", uri, *SMALL]
+    dino = runner.invoke(build_app(), ["run", "--pretext", "dino", *common, "-o", "train.epochs=1"], env={"COLUMNS": "200"})
+    none = runner.invoke(build_app(), ["run", "--pretext", "none", *common], env={"COLUMNS": "200"})
+    return tmp, uri, dino, none
+
+
+def test_run_prints_folds_and_mean(demo_runs):
+    _, _, dino, none = demo_runs
+    for result in (dino, none):
+        assert result.exit_code == 0, result.output
+        assert "mean ± sd" in result.output and "95% CI" in result.output
+        assert "macro_auc" in result.output
+        for fold in range(3):
+            assert f"\n│ {fold}" in result.output or f"│ {fold} " in result.output
+
+
+def test_mlflow_has_parent_and_nested_runs(demo_runs):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    _, uri, _, _ = demo_runs
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("tcga-nsclc")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("histobench.stage") == "run"]
+    assert len(parents) == 2
+    dino_parent = next(r for r in parents if r.data.params["run.pretext"] == "dino")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == dino_parent.info.run_id]
+    stages = sorted(r.data.tags["histobench.stage"] for r in children)
+    assert stages == ["extract", "fold", "fold", "fold", "pretrain"]
+    p, t, m = dino_parent.data.params, dino_parent.data.tags, dino_parent.data.metrics
+    assert p["pretext.name"] == "dino" and p["train.epochs"] == "1" and p["task.folds"] == "3"
+    assert len(t["histobench.git_sha"]) >= 7 and t["histobench.split_hash"] and t["histobench.weights_hash"]
+    assert t["histobench.plugin.pretext"].startswith("dino histobench==")
+    assert 0.0 <= m["macro_auc_mean"] <= 1.0 and m["macro_auc_ci_low"] <= m["macro_auc_ci_high"]
+    fold_aucs = [r.data.metrics["macro_auc"] for r in children if r.data.tags["histobench.stage"] == "fold"]
+    assert abs(sum(fold_aucs) / 3 - m["macro_auc_mean"]) < 1e-9
+    # both runs were evaluated on the same folds
+    none_parent = next(r for r in parents if r.data.params["run.pretext"] == "none")
+    assert none_parent.data.tags["histobench.split_hash"] == t["histobench.split_hash"]
+
+
+def test_leaderboard_lists_both_runs(demo_runs):
+    tmp, uri, _, _ = demo_runs
+    out = tmp / "results"
+    result = runner.invoke(build_app(), ["leaderboard", "--task", "tcga-nsclc", "--tracking-uri", uri, "--out", str(out)],
+                           env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    df = pd.read_csv(out / "tcga-nsclc.csv")
+    assert sorted(df["pretext"]) == ["dino", "none"]
+    assert list(df["rank"]) == [1, 2]
+    scores = [float(s.split(" ± ")[0]) for s in df["macro_auc"]]
+    assert scores == sorted(scores, reverse=True)
+    md = (out / "tcga-nsclc.md").read_text()
+    assert "| rank |" in md and "dino" in md and "do not edit by hand" in md
+
+
+def test_rerun_reuses_cached_stages(demo_runs):
+    tmp, uri, _, _ = demo_runs
+    common = ["--task", "tcga-nsclc", "--demo", "--workdir", str(tmp / "work"), "--tracking-uri", uri, *SMALL]
+    result = runner.invoke(build_app(), ["extract", *[c for c in common if c not in ("--tracking-uri", uri)]],
+                           env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "0 slides extracted" in result.output
