@@ -1,7 +1,7 @@
 import os
 
 # Hermetic runs: only the built-in plugins, no network, MLflow never in the working directory.
-os.environ.setdefault("HISTOBENCH_LOAD_PLUGINS", "timm,dino,mil,tcga")
+os.environ.setdefault("HISTOBENCH_LOAD_PLUGINS", "timm,dino,mil,tcga,slpd")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 

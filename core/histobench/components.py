@@ -145,7 +145,10 @@ class Pretext(Component):
 
     ``batch`` holds ``images``: uint8 ``[B, 3, H, W]`` already on the training device (views and
     augmentation are made there, on whole batches), plus ``slide_index`` and ``tile_index`` (``[B]``
-    long tensors). ``requires`` names what data the pretext needs: ``tiles``, ``regions``,
+    long tensors). Region-level pretexts (``requires`` contains ``regions``) get ``grids`` instead: float
+    patch-embedding grids ``[B, D, h, w]``. ``on_epoch_start`` receives the whole dataset (``len``,
+    ``__getitem__`` -> ``(x, slide_index, tile_index)``, and a ``slide_index`` array) for per-epoch passes
+    such as re-clustering. ``requires`` names what data the pretext needs: ``tiles``, ``regions``,
     ``hierarchy``, ``masks`` or ``text``.
     """
 
@@ -223,6 +226,10 @@ class Task(Component):
     primary_metric: ClassVar[str] = ""
     default_aggregator: ClassVar[str] = "abmil"
     license: ClassVar[str] = ""
+    # The evaluation policy (``EvalOptions`` fields) for this task, and for its presets. The same for every
+    # method on the task; ``-o eval.NAME=VALUE`` overrides it for one run (and is logged).
+    eval_defaults: ClassVar[dict[str, Any]] = {}
+    eval_presets: ClassVar[dict[str, dict[str, Any]]] = {"demo": {"epochs": 40, "lr": 1e-3}}
 
     class Options(StrictOptions):
         mpp: float = Field(0.5, gt=0, description="Target microns per pixel of the tiles.")

@@ -83,7 +83,8 @@ def resolve(spec: RunSpec) -> Components:
     elif opts.get("train") or opts.get("pretext"):
         raise HistobenchError("pretext./train. options were given but --pretext is none")
     aggregator = create("aggregator", spec.aggregator or task.default_aggregator, opts.get("aggregator"), preset)
-    ev = validate_model(EvalOptions, {**getattr(type(task), "eval_defaults", {}), **opts.get("eval", {})},
+    ev = validate_model(EvalOptions, {**type(task).eval_defaults, **type(task).eval_presets.get(preset or "", {}),
+                                      **opts.get("eval", {})},
                         "eval", "the evaluation protocol")
     return Components(task, encoder, pretext, aggregator, train, ev)
 
@@ -167,7 +168,8 @@ def pretrain_stage(spec: RunSpec, comps: Components, slides, reporter: Reporter,
     dataset = SlideTileDataset(capped)
     data_key = _digest([(s.slide_id, s.tiles.key(), len(s.tiles)) for s in capped])
     data = cache_uint8(dataset, Path(spec.workdir) / "tilecache" / f"{data_key}.npy", reporter, train.num_workers)
-    fingerprint = _digest({"resolved": comps.resolved(), "data": data_key, "seed": spec.seed})
+    resolved = comps.resolved()  # only what changes the encoder: not the aggregator or the evaluation policy
+    fingerprint = _digest({k: resolved[k] for k in ("encoder", "pretext", "train")} | {"data": data_key, "seed": spec.seed})
     out_dir = Path(spec.workdir) / "pretrain" / f"{comps.pretext.name}-{fingerprint}"
     result = pretrain(comps.pretext, comps.encoder, data, train, out_dir=out_dir, seed=spec.seed,
                       device=spec.device, reporter=reporter, tracker=tracker)

@@ -79,11 +79,13 @@ def check_encoder(name: str, options: dict[str, Any] | None = None) -> None:
         assert tokens.ndim == 3 and tokens.shape[0] == 3 and tokens.shape[-1] == module.embed_dim
 
 
-def check_pretext(name: str, encoder: str = "timm", steps: int = 3, options: dict[str, Any] | None = None) -> list[float]:
-    """CPU steps through the one training loop, with the ``demo`` presets on random tiles.
+def check_pretext(name: str, encoder: str | None = None, steps: int = 3, options: dict[str, Any] | None = None) -> list[float]:
+    """CPU steps through the one training loop, with the ``demo`` presets on random data.
 
+    Tile pretexts train on random uint8 tiles with the ``timm`` encoder; region pretexts (``requires``
+    contains ``regions``) on random patch-embedding grids with the first registered ``grid`` encoder.
     Asserts finite losses; that training changes the exported encoder; that ``trained_encoder()`` maps
-    images to ``[B, D]``; and exact resume: stopping after one step and resuming from the checkpoint
+    inputs to ``[B, D]``; and exact resume: stopping after one step and resuming from the checkpoint
     (``state_dict`` / ``load_state_dict``) repeats the uninterrupted loss sequence. Returns the losses.
     """
     import tempfile
@@ -91,8 +93,22 @@ def check_pretext(name: str, encoder: str = "timm", steps: int = 3, options: dic
     import torch
 
     from histobench.features.cache import weights_hash
-    from histobench.pretrain.data import SyntheticTileDataset
+    from histobench.pretrain.data import SyntheticGridDataset, SyntheticTileDataset
     from histobench.pretrain.trainer import pretrain
+    from histobench.registry import get_component, get_components
+
+    regions = "regions" in get_component("pretext", name).cls.requires
+    if encoder is None:
+        grid_encoders = [n for n, e in sorted(get_components("encoder").items()) if e.cls.input_kind == "grid"]
+        assert not regions or grid_encoders, f"pretext {name!r} needs regions but no grid encoder is registered"
+        encoder = grid_encoders[0] if regions else "timm"
+
+    def sample_input(enc, n: int, seed: int = 0):
+        size = enc.transform().size
+        g = torch.Generator().manual_seed(seed)
+        if enc.input_kind == "grid":
+            return torch.randn(n, enc.build().in_dim, size, size, generator=g)
+        return torch.randn(n, 3, size, size, generator=g)
 
     def one_run(out_dir: Path, max_steps: int | None = None):
         pre = create("pretext", name, options, preset="demo")
@@ -100,7 +116,11 @@ def check_pretext(name: str, encoder: str = "timm", steps: int = 3, options: dic
         assert isinstance(pre, Pretext)
         train = type(pre).train_options("demo", epochs=1, batch_size=8, num_workers=0, steps_per_epoch=steps,
                                         warmup_epochs=0, checkpoint_every=1)
-        data = SyntheticTileDataset(8 * steps, enc.transform().size, seed=0)
+        size = enc.transform().size
+        if enc.input_kind == "grid":
+            data = SyntheticGridDataset(8 * steps, enc.build().in_dim, size, seed=0)
+        else:
+            data = SyntheticTileDataset(8 * steps, size, seed=0)
         return enc, pretrain(pre, enc, data, train, out_dir=out_dir, seed=0, device="cpu", max_steps=max_steps)
 
     with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
@@ -110,9 +130,8 @@ def check_pretext(name: str, encoder: str = "timm", steps: int = 3, options: dic
         assert all(math.isfinite(v) for v in losses), f"non-finite loss: {losses}"
         torch.manual_seed(0)
         assert weights_hash(full.encoder) != weights_hash(enc.build()), "training did not change the encoder"
-        size = enc.transform().size
-        out = full.encoder(torch.randn(2, 3, size, size))
-        assert out.ndim == 2 and out.shape[0] == 2, "trained_encoder() must map images to [B, D]"
+        out = full.encoder(sample_input(enc, 2))
+        assert out.ndim == 2 and out.shape[0] == 2, "trained_encoder() must map inputs to [B, D]"
         _, part = one_run(Path(b), max_steps=1)
         assert part.steps == 1
         _, resumed = one_run(Path(b))

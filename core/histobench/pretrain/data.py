@@ -138,3 +138,23 @@ class SyntheticTileDataset:
     def __getitem__(self, idx: int):
         torch = _import_torch()
         return torch.from_numpy(self.array[idx]), int(self.slide_index[idx]), int(self.tile_index[idx])
+
+
+class SyntheticGridDataset:
+    """Random float patch-embedding grids ``[D, g, g]`` with contiguous slides: for region-level contract checks."""
+
+    input_key = "grids"
+
+    def __init__(self, n: int, dim: int, grid: int, n_slides: int = 4, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.grids = rng.normal(size=(n, dim, grid, grid)).astype(np.float32)
+        self.slide_index = np.sort(np.arange(n) % n_slides)
+        starts = np.searchsorted(self.slide_index, np.arange(n_slides))
+        self.tile_index = np.arange(n) - starts[self.slide_index]
+
+    def __len__(self) -> int:
+        return len(self.grids)
+
+    def __getitem__(self, idx: int):
+        torch = _import_torch()
+        return torch.from_numpy(self.grids[idx]), int(self.slide_index[idx]), int(self.tile_index[idx])

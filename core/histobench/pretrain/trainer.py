@@ -126,7 +126,10 @@ def pretrain(
     resume: bool = True,
     max_steps: int | None = None,
 ) -> PretrainResult:
-    """Train ``pretext`` on ``dataset`` (yielding ``(uint8 [3,S,S], slide_index, tile_index)``).
+    """Train ``pretext`` on ``dataset`` (yielding ``(x, slide_index, tile_index)``).
+
+    ``x`` is a uint8 tile ``[3, S, S]``, or whatever the dataset's ``input_key`` attribute names (``grids``:
+    float patch-embedding grids ``[D, h, w]`` for region-level pretexts); the batch dict uses that key.
 
     ``out_dir`` holds ``checkpoint.pt``; with ``resume`` an existing checkpoint there is continued.
     ``max_steps`` stops early (used to test resume); the schedules still span the full run.
@@ -139,6 +142,7 @@ def pretrain(
     if opts.batch_size % world:
         raise HistobenchError(f"train.batch_size={opts.batch_size} is not divisible by the {world} ranks")
     n = len(dataset)
+    input_key = getattr(dataset, "input_key", "images")
     steps_per_epoch = n // opts.batch_size
     if steps_per_epoch == 0:
         raise HistobenchError(
@@ -191,8 +195,8 @@ def pretrain(
     stop = total if max_steps is None else min(total, max_steps)
     step = start
     images_seen, t_start = 0, time.perf_counter()
-    with reporter.stage(f"pretrain {pretext.name}", total=total, unit="img") as st:
-        st.done = start
+    with reporter.stage(f"pretrain {pretext.name}", total=total * opts.batch_size, unit="img") as st:
+        st.done = start * opts.batch_size
         epoch = start // steps_per_epoch
         while step < stop:
             diag = pretext.on_epoch_start(epoch, dataset)
@@ -206,7 +210,7 @@ def pretrain(
                 prefetch_factor=4 if opts.num_workers else None,
             )
             epoch_losses = []
-            for images, slide_idx, tile_idx in loader:
+            for images, slide_idx, tile_idx in loader:  # images: pixels, or patch-feature grids
                 if step >= stop:
                     break
                 torch.manual_seed(seed * 1_000_003 + step)
@@ -215,7 +219,7 @@ def pretrain(
                     if groups[i]["apply_wd"]:
                         g["weight_decay"] = float(wd_sched[step])
                 batch = {
-                    "images": images.to(dev, non_blocking=True),
+                    input_key: images.to(dev, non_blocking=True),
                     "slide_index": slide_idx.to(dev, non_blocking=True),
                     "tile_index": tile_idx.to(dev, non_blocking=True),
                 }
@@ -249,7 +253,7 @@ def pretrain(
                 logged["weight_decay"] = float(wd_sched[step - 1])
                 epoch_losses.append(logged["loss"])
                 history.append({"step": step - 1, **logged})
-                st.advance(1)
+                st.advance(len(images) * world)
                 st.set(loss=logged["loss"], epoch=epoch)
                 if tracker is not None and (step % 10 == 0 or step == stop):
                     tracker.metrics({f"train/{k}": v for k, v in logged.items()}, step=step - 1)
