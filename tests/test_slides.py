@@ -340,3 +340,114 @@ def test_real_ndpi_fluorescence():
         thumb, _ = s.thumbnail(256)
         mask = tissue_mask(thumb)  # dark background, not H&E: must not crash, nor call everything tissue
         assert mask.mean() < 0.9
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# slide info, vendor formats, DICOM folders, tissue edge cases, the slides CLI
+# ---------------------------------------------------------------------------------------------------------------
+@needs_real
+@pytest.mark.parametrize(
+    "rel, vendor, levels, mpp, mag",
+    [
+        ("CMU-1-Small-Region.svs", "aperio", 1, 0.499, (20.0, "openslide.objective-power")),
+        ("CMU-1-Small-Region-dicom", "dicom", 12, 0.499, (20.0, "estimated from µm/px")),
+        ("ndpi-fluorescence/test3-DAPI-2.ndpi", "hamamatsu", 7, 0.228, (40.0, "openslide.objective-power")),
+    ],
+)
+def test_real_slide_info(rel, vendor, levels, mpp, mag):
+    with open_slide(REAL / rel) as s:
+        info = s.info()
+    assert info["vendor"] == vendor and info["levels"] == levels
+    assert info["mpp"] == pytest.approx(mpp, abs=1e-3) and info["mpp_source"] == "openslide.mpp-x/y"
+    assert (info["magnification"], info["magnification_source"]) == mag
+    if vendor == "aperio":
+        assert set(info["associated_images"]) == {"label", "macro", "thumbnail"}
+    assert (info["colour_warning"] is not None) == (vendor == "dicom")
+
+
+@needs_real
+def test_dicom_folder_opens_as_one_slide_and_tiles_like_the_svs():
+    with open_slide(REAL / "CMU-1-Small-Region-dicom") as d, open_slide(REAL / "CMU-1-Small-Region.svs") as a:
+        assert d.slide_id == "CMU-1-Small-Region-dicom" and d.dimensions == a.dimensions
+        td = tile_slide(d, mpp=1.0, tile_size=64)
+        ta = tile_slide(a, mpp=1.0, tile_size=64)
+        # same physical tile on both: the pyramid's 2x level is read as is, the single-level SVS is downsampled
+        assert td.tile_size_level0 == pytest.approx(ta.tile_size_level0)
+        assert td.level == 1 and td.read_size == 64 and ta.level == 0 and ta.read_size == 128
+        assert read_tile(d, td, 0).shape == read_tile(a, ta, 0).shape == (64, 64, 3)
+
+
+def test_open_folder_without_dicom(tmp_path):
+    with pytest.raises(HistobenchError, match="folder without .dcm files"):
+        open_slide(tmp_path)
+
+
+def test_mpp_fallbacks_from_vendor_keys():
+    from histobench.slides.reader import _mpp_from_tiff_resolution, _mpp_from_vendor_keys
+
+    assert _mpp_from_vendor_keys({"aperio.MPP": "0.2520"}) == pytest.approx(0.252)
+    key = "dicom.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing[{}]"
+    assert _mpp_from_vendor_keys({key.format(0): "0.00025", key.format(1): "0.00025"}) == pytest.approx(0.25)
+    assert _mpp_from_vendor_keys({}) is None
+    assert _mpp_from_tiff_resolution({"tiff.ResolutionUnit": "inch", "tiff.XResolution": "72"}) is None  # a screen dpi
+
+
+def test_pen_marks_and_black_borders_are_not_tissue():
+    from histobench.slides.tissue import pen_mask, slide_kind
+
+    img = np.full((200, 200, 3), 240, dtype=np.uint8)
+    img[50:150, 50:150] = (200, 120, 170)  # H&E-ish tissue
+    img[10:30, :] = (40, 60, 200)  # blue pen line
+    img[170:190, :] = (40, 160, 60)  # green pen line
+    img[:, :8] = 5  # black slide edge
+    mask = tissue_mask(img)
+    assert mask[60:140, 60:140].all()
+    assert not mask[10:30, 60:140].any() and not mask[170:190].any() and not mask[:, :8].any()
+    assert pen_mask(img)[20, 100] and not pen_mask(img)[100, 100]
+    assert slide_kind(img) == "brightfield"
+    assert slide_kind(np.full((20, 20, 3), 250, np.uint8)) == "empty"
+
+
+@needs_real
+def test_fluorescence_slide_is_detected_and_masked():
+    from histobench.slides.tissue import slide_kind
+
+    with open_slide(REAL / "ndpi-fluorescence" / "test3-DAPI-2.ndpi") as s:
+        thumb, _ = s.thumbnail(512)
+    assert slide_kind(thumb) == "fluorescence"
+    mask = tissue_mask(thumb)
+    assert 0.4 < mask.mean() < 0.95  # the nuclei-stained section, not the black background
+    assert not mask[-5:, -5:].any()
+
+
+@needs_real
+def test_real_svs_tissue_mask_is_the_section():
+    from histobench.slides.tissue import slide_kind
+
+    with open_slide(REAL / "CMU-1-Small-Region.svs") as s:
+        thumb, _ = s.thumbnail(512)
+    assert slide_kind(thumb) == "brightfield"
+    mask = tissue_mask(thumb)
+    assert 0.25 < mask.mean() < 0.5 and not mask[:40, :40].any()  # glass in the top-left corner
+
+
+@needs_real
+def test_slides_cli_info_and_tile(tmp_path):
+    from typer.testing import CliRunner
+
+    from histobench.cli.app import build_app
+
+    runner = CliRunner()
+    res = runner.invoke(build_app(), ["slides", "info", str(REAL / "ndpi-fluorescence" / "test3-DAPI-2.ndpi")])
+    assert res.exit_code == 0, res.output
+    for text in ("vendor: hamamatsu", "levels: 7", "mpp: 0.2282", "magnification: 40x", "fluorescence"):
+        assert text in res.output
+    res = runner.invoke(build_app(), ["slides", "info", str(REAL / "CMU-1-Small-Region-dicom")])
+    assert "vendor: dicom" in res.output and "levels: 12" in res.output and "mpp: 0.499" in res.output
+    out = tmp_path / "grid.png"
+    res = runner.invoke(build_app(), ["slides", "tile", str(REAL / "CMU-1-Small-Region.svs"), "--mpp", "0.5",
+                                      "--size", "256", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "32 tiles of 256 px at 0.5 µm/px" in res.output and out.exists()
+    res = runner.invoke(build_app(), ["slides", "info", str(tmp_path / "none.svs")])
+    assert res.exit_code == 2 and "no such file" in res.output

@@ -126,3 +126,50 @@ def test_bad_inputs():
         Splits(pd.DataFrame({"fold": [0], "split": ["holdout"], "case_id": ["a"]}))
     sp = make_splits(m.assign(event=np.arange(len(m)) % 2), folds=2, seed=0, stratify="event")
     assert sp.audit(m).empty
+
+
+# ------------------------------------------------------------------------- presets, task splits, leaks
+
+
+def test_published_folder_slide_and_case_level(tmp_path):
+    from histobench.cohorts.splits import load_preset, read_published_table
+
+    m = manifest(12)
+    slides = sorted(m["slide_id"])
+    # slide-level (HIPT style): a blank-padded train/val/test table per fold, one planted leak in fold 1
+    for k in range(2):
+        f = pd.DataFrame({"train": slides[:8], "val": slides[8:10] + [""] * 6, "test": slides[10:12] + [""] * 6})
+        if k == 1:
+            f.loc[0, "test"] = slides[1]  # shares a patient with train (or is train) -> a leak
+        f.to_csv(tmp_path / f"splits_{k}.csv")
+    long = read_published_table(tmp_path)
+    assert set(long["split"]) == {"train", "val", "test"}
+    splits, dropped = load_preset(tmp_path, m[m["slide_id"] != slides[0]], name="pub")
+    assert splits.slide_level and dropped == 1
+    assert len(splits.audit(m)[lambda a: a["fold"] == 1]) >= 1
+    # case-level (MCAT style): train/val where val is the held-out side
+    cases = sorted(m["case_id"].unique())
+    d2 = tmp_path / "cases"
+    d2.mkdir()
+    pd.DataFrame({"train": cases[:9], "val": cases[9:] + [""] * 6}).to_csv(d2 / "splits_0.csv")
+    pd.DataFrame({"train": cases[3:], "val": cases[:3] + [""] * 6}).to_csv(d2 / "splits_1.csv")
+    splits, _ = load_preset(d2, m, name="cases")
+    assert not splits.slide_level and splits.cases(0, "test") == cases[9:]
+    with pytest.raises(HistobenchError, match="no splits_<k>.csv"):
+        read_published_table(tmp_path / "nowhere")
+
+
+def test_check_leaks_refuses_unless_allowed():
+    from histobench.cohorts.splits import check_leaks, leaks_per_fold
+
+    m = manifest(30)
+    clean = make_splits(m, folds=3, seed=0)
+    assert check_leaks(clean, m) == 0 and leaks_per_fold(clean, m) == {0: 0, 1: 0, 2: 0}
+    table = clean.table.copy()
+    case = table.loc[(table["fold"] == 0) & (table["split"] == "test"), "case_id"].iloc[0]
+    table.loc[len(table)] = {"fold": 0, "split": "train", "case_id": case}
+    leaky = Splits(table, name="leaky")
+    with pytest.raises(HistobenchError, match="leaks: 1 patient-fold"):
+        check_leaks(leaky, m)
+    assert check_leaks(leaky, m, allow_leaks=True) == 1
+    assert leaks_per_fold(leaky, m) == {0: 1, 1: 0, 2: 0}

@@ -6,6 +6,7 @@ import typer
 
 from histobench.cli.common import handle_errors
 from histobench.cli.components import KIND_COMMANDS, make_kind_app, plugins_cmd
+from histobench.cli.compare import compare_cmd
 from histobench.cli.leaderboard import leaderboard_cmd
 from histobench.cli.run import evaluate_cmd, extract_cmd, pretrain_cmd, run_cmd
 
@@ -26,7 +27,13 @@ def build_app() -> typer.Typer:
     app.command("extract", rich_help_panel="Pipeline")(handle_errors(extract_cmd))
     app.command("evaluate", rich_help_panel="Pipeline")(handle_errors(evaluate_cmd))
     app.command("leaderboard", rich_help_panel="Results")(handle_errors(leaderboard_cmd))
+    app.command("compare", rich_help_panel="Results")(handle_errors(compare_cmd))
     app.command("plugins", rich_help_panel="Plugins")(handle_errors(plugins_cmd))
+    from histobench.cli import cohort, slides, splits
+
+    app.add_typer(slides.app, name="slides", rich_help_panel="Data")
+    app.add_typer(cohort.app, name="cohort", rich_help_panel="Data")
+    app.add_typer(splits.app, name="splits", rich_help_panel="Data")
     for command, kind in KIND_COMMANDS.items():
         app.add_typer(make_kind_app(command, kind), name=command, rich_help_panel="Plugins")
     pm = load_plugins()

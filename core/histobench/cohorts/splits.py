@@ -255,3 +255,109 @@ def make_splits(
     table = pd.DataFrame(rows, columns=["fold", "split", "case_id"])
     strat = stratify or "none"
     return Splits(table, name=name or f"{folds}fold-{strat}-seed{seed}" + (f"-val{val_fraction:g}" if val_fraction else ""))
+
+
+# ------------------------------------------------------------------------------------ published presets
+
+
+def read_published_table(folder: str | os.PathLike) -> pd.DataFrame:
+    """A folder of published split files (``splits_0.csv`` ... as CLAM/HIPT write them) as a long table.
+
+    Each file holds one fold, one column per side (``train``, ``val``, ``test``; padded with blanks), the first
+    unnamed column being a row index. Returns ``fold, split, id`` (``id`` a slide or a case id, as published).
+    A published table without a ``test`` column uses ``val`` as the held-out side and reads it as ``test``.
+    """
+    folder = Path(folder)
+    files = sorted(folder.glob("splits_*.csv"), key=lambda p: int(p.stem.rsplit("_", 1)[-1]))
+    if not files:
+        raise HistobenchError(f"split preset folder {folder} has no splits_<k>.csv files")
+    rows = []
+    for f in files:
+        k = int(f.stem.rsplit("_", 1)[-1])
+        table = pd.read_csv(f, dtype=str, keep_default_na=False)
+        sides = [c for c in table.columns if c.strip().lower() in SIDES]
+        if not sides:
+            raise HistobenchError(f"split file {f} has no train/val/test column (has {list(table.columns)})")
+        rename = {}
+        if "test" not in [c.strip().lower() for c in sides]:
+            rename = {"val": "test"}
+        for col in sides:
+            side = rename.get(col.strip().lower(), col.strip().lower())
+            for v in table[col]:
+                v = str(v).strip()
+                if v:
+                    rows.append((k, side, v.removesuffix(".svs")))
+    return pd.DataFrame(rows, columns=["fold", "split", "id"])
+
+
+def load_preset(folder: str | os.PathLike, manifest: pd.DataFrame, name: str) -> tuple[Splits, int]:
+    """A published split preset restricted to the manifest: ``(Splits, ids not in the manifest)``.
+
+    Slide ids (longer than a 12-character TCGA patient barcode, or any id found in the manifest's ``slide_id``)
+    give a slide-level :class:`Splits` built with :meth:`Splits.from_slide_table`, so the audit sees a patient
+    whose slides sit on two sides. Case ids give a patient-level table. Ids the manifest lacks (slides not
+    downloaded) are left out and counted.
+    """
+    long = read_published_table(folder)
+    slide_ids = set(manifest["slide_id"].astype(str))
+    case_ids = set(manifest["case_id"].astype(str))
+    ids = set(long["id"])
+    slide_level = bool(ids & slide_ids) or not (ids & case_ids)
+    present = long["id"].isin(slide_ids if slide_level else case_ids)
+    dropped = int(long.loc[~present, "id"].nunique())
+    long = long[present]
+    if long.empty:
+        raise HistobenchError(f"split preset {name!r}: none of its ids is in the cohort's manifest")
+    if slide_level:
+        splits = Splits.from_slide_table(long.rename(columns={"id": "slide_id"}), manifest, name=name)
+    else:
+        splits = Splits(long.rename(columns={"id": "case_id"}), name=name)
+    return splits, dropped
+
+
+def task_splits(task, manifest: pd.DataFrame, *, workdir: Path, preset: str | None = None, seed: int = 0,
+                val_fraction: float = 0.0) -> Splits:
+    """The splits a task is evaluated on, saved as ``workdir/splits/<task>-<name>-<hash>.csv``.
+
+    ``preset`` (else the task's ``split`` option, when it is not ``"default"``) names a published split shipped
+    by the task (``task.split_presets``: name -> folder of ``splits_<k>.csv``), restricted to the manifest's
+    slides. Otherwise histobench's own: patient-level, seeded k-fold with ``task.options.folds`` folds,
+    stratified by ``label`` (by ``event`` for survival tasks).
+    """
+    name = preset or getattr(task.options, "split", "default") or "default"
+    if name != "default":
+        presets = getattr(type(task), "split_presets", {}) or {}
+        if name not in presets:
+            avail = ", ".join(["default", *sorted(presets)])
+            raise HistobenchError(f"task {task.name} has no split preset {name!r}; available: {avail}")
+        splits, _ = load_preset(presets[name], manifest, name=name)
+    else:
+        stratify = "event" if task.task_kind == "survival" else "label"
+        splits = make_splits(manifest, folds=task.options.folds, seed=seed, stratify=stratify,
+                             val_fraction=val_fraction)
+    splits.save(Path(workdir) / "splits" / f"{task.name}-{splits.name}-{splits.hash}.csv")
+    return splits
+
+
+def leaks_per_fold(splits: Splits, manifest: pd.DataFrame | None = None) -> dict[int, int]:
+    """Number of patients on more than one side, for every fold (zeros included)."""
+    audit = splits.audit(manifest)
+    counts = audit.groupby("fold")["case_id"].nunique().to_dict() if len(audit) else {}
+    return {int(k): int(counts.get(k, 0)) for k in sorted(splits.table["fold"].unique())}
+
+
+def check_leaks(splits: Splits, manifest: pd.DataFrame | None = None, *, allow_leaks: bool = False) -> int:
+    """Refuse a split where a patient sits on two sides of a fold, unless ``allow_leaks``.
+
+    Returns the number of (fold, patient) leaks, which the caller logs (``split_leaks``) either way.
+    """
+    audit = splits.audit(manifest)
+    n = len(audit)
+    if n and not allow_leaks:
+        first = audit.iloc[0]
+        raise HistobenchError(
+            f"split {splits.name!r} leaks: {n} patient-fold(s) with slides on two sides, e.g. {first['case_id']} "
+            f"in fold {first['fold']} ({first['sides']}); run `histobench splits audit` for all of them, or pass "
+            f"--allow-leaky-splits to evaluate anyway"
+        )
+    return n

@@ -99,8 +99,12 @@ class Slide:
 
         1. the ``mpp`` given to :func:`open_slide` (the CLI's ``--mpp``);
         2. OpenSlide's ``openslide.mpp-x`` / ``openslide.mpp-y`` (their mean when both are present);
-        3. the TIFF resolution tags ``tiff.XResolution`` (and ``tiff.YResolution``) with ``tiff.ResolutionUnit``
+        3. vendor keys OpenSlide did not normalise: ``aperio.MPP``, DICOM ``PixelSpacing`` (mm, so x1000);
+        4. the TIFF resolution tags ``tiff.XResolution`` (and ``tiff.YResolution``) with ``tiff.ResolutionUnit``
            ``centimeter`` or ``inch``, when they give a plausible microscope resolution (0.01-100 µm/px).
+
+        The objective power is never used to guess a pixel size: scanners differ too much (a "20x" scan is
+        anything from 0.45 to 0.55 µm/px).
 
         Raises HistobenchError naming the slide when none of these is available.
         """
@@ -117,12 +121,96 @@ class Slide:
                 values.append(v)
         if values:
             return float(sum(values) / len(values))
+        vendor_mpp = _mpp_from_vendor_keys(props)
+        if vendor_mpp is not None:
+            return vendor_mpp
         tiff_mpp = _mpp_from_tiff_resolution(props)
         if tiff_mpp is not None:
             return tiff_mpp
         raise HistobenchError(
             f"slide {self._path} has no pixel size (µm/px) in its metadata; pass it with --mpp (e.g. --mpp 0.25)"
         )
+
+    @property
+    def mpp_source(self) -> str:
+        """Where :attr:`mpp` comes from (``--mpp``, a property name, ``tiff resolution``); ``unknown`` if nowhere."""
+        if self._mpp_override is not None:
+            return "--mpp"
+        props = self._handle.properties
+        if any(_positive(props.get(k)) for k in ("openslide.mpp-x", "openslide.mpp-y")):
+            return "openslide.mpp-x/y"
+        if _mpp_from_vendor_keys(props) is not None:
+            return "aperio.MPP" if _positive(props.get("aperio.MPP")) else "dicom PixelSpacing"
+        if _mpp_from_tiff_resolution(props) is not None:
+            return "tiff resolution"
+        return "unknown"
+
+    @property
+    def magnification(self) -> tuple[float | None, str]:
+        """Objective power and where it came from: the slide's metadata (``openslide.objective-power``,
+        ``aperio.AppMag``, ``hamamatsu.SourceLens``), else an estimate from the pixel size (10 / mpp, the usual
+        0.25 µm/px = 40x convention, labelled ``estimated from µm/px``), else ``(None, "unknown")``."""
+        props = self._handle.properties
+        for key in ("openslide.objective-power", "aperio.AppMag", "hamamatsu.SourceLens"):
+            v = _positive(props.get(key))
+            if v:
+                return v, key
+        try:
+            return round(10.0 / self.mpp, 1), "estimated from µm/px"
+        except HistobenchError:
+            return None, "unknown"
+
+    @property
+    def associated_images(self) -> dict[str, tuple[int, int]]:
+        """Label, macro, thumbnail ... images stored beside the pyramid: name -> (width, height)."""
+        return {name: tuple(img.size) for name, img in self._handle.associated_images.items()}  # type: ignore[misc]
+
+    def colour_warning(self) -> str | None:
+        """A reason to distrust the decoded colours, or None.
+
+        Some DICOM WSI converters store JPEG frames whose pixels are YCbCr but label them
+        ``PhotometricInterpretation RGB``; OpenSlide then hands back YCbCr values as RGB (white glass reads as
+        about (240, 128, 128)). This is reported, never silently "fixed".
+        """
+        props = self._handle.properties
+        if self.vendor != "dicom":
+            return None
+        photometric = props.get("dicom.PhotometricInterpretation", "")
+        jpeg = props.get("dicom.TransferSyntaxUID", "").startswith("1.2.840.10008.1.2.4.5")
+        if photometric != "RGB" or not jpeg:
+            return None
+        thumb, _ = self.thumbnail(128)
+        px = thumb.reshape(-1, 3).astype(np.int16)
+        bright = px[px[:, 0] > 200]
+        if len(bright) < 0.1 * len(px):
+            return None
+        chroma = np.median(bright[:, 1:], axis=0)
+        if np.all(np.abs(chroma - 128) <= 12):
+            return ("colours look like YCbCr labelled RGB (JPEG frames with PhotometricInterpretation RGB; "
+                    "background decodes as ~(240, 128, 128)); re-convert the slide or treat its colours as wrong")
+        return None
+
+    def info(self) -> dict[str, Any]:
+        """A plain summary for ``histobench slides info``: vendor, levels, dimensions, µm/px, magnification."""
+        try:
+            mpp: float | None = self.mpp
+        except HistobenchError:
+            mpp = None
+        mag, mag_source = self.magnification
+        return {
+            "path": str(self._path),
+            "vendor": self.vendor,
+            "levels": self.level_count,
+            "dimensions": self.dimensions,
+            "level_dimensions": self.level_dimensions,
+            "level_downsamples": self.level_downsamples,
+            "mpp": mpp,
+            "mpp_source": self.mpp_source,
+            "magnification": mag,
+            "magnification_source": mag_source,
+            "associated_images": self.associated_images,
+            "colour_warning": self.colour_warning(),
+        }
 
     # -- pixels ----------------------------------------------------------------------------------------------
     def read_region(self, x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray:
@@ -181,6 +269,28 @@ class Slide:
         return f"Slide({str(self._path)!r}, {state})"
 
 
+def _positive(value: Any) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) and v > 0 else None
+
+
+def _mpp_from_vendor_keys(props: Any) -> float | None:
+    v = _positive(props.get("aperio.MPP"))
+    if v is not None:
+        return v
+    key = "dicom.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing[{}]"
+    spacing = [_positive(props.get(key.format(i))) for i in (0, 1)]
+    spacing = [s * 1000.0 for s in spacing if s is not None]  # mm -> µm
+    if spacing:
+        mpp = sum(spacing) / len(spacing)
+        lo, hi = _PLAUSIBLE_MPP
+        return mpp if lo <= mpp <= hi else None
+    return None
+
+
 def _mpp_from_tiff_resolution(props: Any) -> float | None:
     unit = str(props.get("tiff.ResolutionUnit", "")).strip().lower()
     um_per_unit = {"centimeter": 1e4, "cm": 1e4, "inch": 25400.0, "in": 25400.0}.get(unit)
@@ -205,6 +315,8 @@ def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> Slide:
     """Open a whole-slide image with OpenSlide.
 
     ``mpp`` overrides the level-0 pixel size (µm/px) found in the file's metadata (see :attr:`Slide.mpp`).
+    ``path`` may be a DICOM WSI folder (one file per pyramid level): any ``.dcm`` file of it opens the whole
+    pyramid, so the first one (by name) is used.
     Raises HistobenchError("cannot open slide <path>: <reason>") for a missing file or one OpenSlide cannot read.
     """
     p = Path(path)
@@ -215,7 +327,14 @@ def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> Slide:
     if not p.exists():
         raise HistobenchError(f"cannot open slide {p}: no such file")
     if p.is_dir():
-        raise HistobenchError(f"cannot open slide {p}: it is a directory (for DICOM, pass one of its .dcm files)")
+        dcm = sorted(q for q in p.iterdir() if q.suffix.lower() == ".dcm" and q.is_file())
+        if not dcm:
+            raise HistobenchError(f"cannot open slide {p}: it is a folder without .dcm files (only DICOM WSI may be a folder)")
+        return _open_file(dcm[0], mpp, shown=p)
+    return _open_file(p, mpp, shown=p)
+
+
+def _open_file(p: Path, mpp: float | None, shown: Path) -> Slide:
     try:
         import openslide
     except ImportError as exc:  # pragma: no cover - openslide is a hard dependency
@@ -226,5 +345,5 @@ def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> Slide:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if isinstance(exc, openslide.OpenSlideUnsupportedFormatError):
             reason = "unsupported or corrupt file format"
-        raise HistobenchError(f"cannot open slide {p}: {reason}") from exc
-    return Slide(p, handle, mpp)
+        raise HistobenchError(f"cannot open slide {shown}: {reason}") from exc
+    return Slide(shown, handle, mpp)

@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -613,17 +614,9 @@ def make_demo_cohort(
         "class_indices": assigned,
         "signal_fraction": float(signal_fraction),
     }
-    manifest_path = out / "manifest.csv"
-    params_path = out / "demo_params.json"
-    if manifest_path.exists() and params_path.exists():
-        try:
-            old = json.loads(params_path.read_text())
-        except (OSError, ValueError):
-            old = None
-        if old == params:
-            df = pd.read_csv(manifest_path, dtype=str)
-            if all((out / p).exists() for p in df["path"]):
-                return df
+    cached = _cached_cohort(out, params)
+    if cached is not None:
+        return cached
 
     rows, jobs = [], []
     for i in range(n_patients):
@@ -634,8 +627,43 @@ def make_demo_cohort(
             jobs.append(dict(path=out / rel, class_index=assigned[i], n_classes=n_classes, seed=_slide_seed(seed, i, j),
                              size=size, mpp=mpp, signal_fraction=signal_fraction))
             rows.append({"slide_id": slide_id, "case_id": case_id, "path": rel, "label": classes[assigned[i]]})
+    return _write_cohort(out, jobs, pd.DataFrame(rows, columns=["slide_id", "case_id", "path", "label"]), params)
+
+
+def _cached_cohort(out: Path, params: dict):
+    """The manifest of a cohort already generated in ``out`` with exactly ``params``, or None."""
+    import pandas as pd
+
+    manifest_path, params_path = out / "manifest.csv", out / "demo_params.json"
+    if manifest_path.exists() and params_path.exists():
+        try:
+            old = json.loads(params_path.read_text())
+        except (OSError, ValueError):
+            old = None
+        if old == params:
+            df = pd.read_csv(manifest_path, dtype={"slide_id": str, "case_id": str, "path": str, "label": str})
+            if all((out / p).exists() for p in df["path"]):
+                return df
+    return None
+
+
+def _write_cohort(out: Path, jobs: list[dict], df, params: dict):
+    """Write every slide of ``jobs``, then the manifest and the parameters (last, so a crash regenerates)."""
     # Each slide is independent and deterministic in its own seed: write them on every core. Forked workers
     # run numpy and tifffile only, so no torch state is shared with them.
+    # A slide is a pure function of its job: one this process already wrote (for another task's demo, say)
+    # is copied instead of rendered again.
+    todo = []
+    for job in jobs:
+        key = _job_key(job)
+        done = _WRITTEN.get(key)
+        if done is not None and done.exists() and done != Path(job["path"]):
+            Path(job["path"]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(done, job["path"])
+        else:
+            todo.append(job)
+    jobs, keys = todo, [_job_key(j) for j in todo]
+    paths = [Path(j["path"]) for j in todo]
     workers = min(len(jobs), os.cpu_count() or 1)
     if workers > 1:
         from concurrent.futures import ProcessPoolExecutor
@@ -646,14 +674,123 @@ def make_demo_cohort(
     else:
         for job in jobs:
             _write_job(job)
-    df = pd.DataFrame(rows, columns=["slide_id", "case_id", "path", "label"])
-    _atomic_write_text(manifest_path, df.to_csv(index=False))
-    _atomic_write_text(params_path, json.dumps(params, indent=2, sort_keys=True) + "\n")
+    _WRITTEN.update(zip(keys, paths))
+    _atomic_write_text(out / "manifest.csv", df.to_csv(index=False))
+    _atomic_write_text(out / "demo_params.json", json.dumps(params, indent=2, sort_keys=True) + "\n")
     return df
 
 
+# Grading: the tumour (the "solid" morphology) takes a share of the tissue that grows with the grade, so the
+# grade is ordinal in what a slide shows. Grade 0 is benign (no tumour at all).
+GRADE_TUMOUR_FRACTION = (0.0, 0.12, 0.22, 0.32, 0.44, 0.56)
+
+
+def make_grading_cohort(out_dir: str | os.PathLike[str], *, n_patients: int, seed: int,
+                        size: tuple[int, int] = (2048, 2048), mpp: float = 0.25,
+                        slides_per_patient: tuple[int, ...] | list[int] = (1, 1, 1, 2),
+                        grades: int = 6):
+    """A synthetic grading cohort: ISUP-like grades ``"0"`` .. ``str(grades - 1)``, balanced over patients.
+
+    The planted signal is ordinal: a grade-``g`` slide has a tumour region of the solid morphology covering
+    ``GRADE_TUMOUR_FRACTION[g]`` of its tissue (grade 0: none), so both "is there tumour" and "how much" carry
+    the grade. Manifest: ``slide_id, case_id, path, label`` (``label`` the grade as a string).
+    """
+    import pandas as pd
+
+    if not 2 <= grades <= len(GRADE_TUMOUR_FRACTION):
+        raise HistobenchError(f"grading demo cohorts support 2 to {len(GRADE_TUMOUR_FRACTION)} grades, got {grades}")
+    if n_patients < grades:
+        raise HistobenchError(f"a grading demo cohort needs at least one patient per grade ({grades}), got {n_patients}")
+    out = Path(out_dir)
+    pattern = [int(v) for v in slides_per_patient]
+    assigned = [int(g) for g in np.random.default_rng(seed).permutation(np.arange(n_patients) % grades)]
+    fractions = GRADE_TUMOUR_FRACTION if grades == len(GRADE_TUMOUR_FRACTION) else \
+        tuple(float(v) for v in np.linspace(0.0, GRADE_TUMOUR_FRACTION[-1], grades))
+    params = {"generator_version": GENERATOR_VERSION, "kind": "grading", "n_patients": int(n_patients),
+              "seed": int(seed), "size": [int(size[0]), int(size[1])], "mpp": float(mpp),
+              "slides_per_patient": pattern, "grades": assigned, "fractions": list(fractions)}
+    cached = _cached_cohort(out, params)
+    if cached is not None:
+        return cached
+    rows, jobs = [], []
+    for i in range(n_patients):
+        case_id = f"DEMO-{i + 1:04d}"
+        for j in range(pattern[i % len(pattern)]):
+            slide_id, rel = f"{case_id}-{j + 1:02d}", f"slides/{case_id}-{j + 1:02d}.tiff"
+            jobs.append(dict(path=out / rel, class_index=1, n_classes=2, seed=_slide_seed(seed, i, j), size=size,
+                             mpp=mpp, signal_fraction=fractions[assigned[i]]))
+            rows.append({"slide_id": slide_id, "case_id": case_id, "path": rel, "label": str(assigned[i])})
+    return _write_cohort(out, jobs, pd.DataFrame(rows, columns=["slide_id", "case_id", "path", "label"]), params)
+
+
+def simulate_survival(feature: np.ndarray, *, seed: int, beta: float = 1.5, median_months: float = 36.0,
+                      censor_months: tuple[float, float] = (12.0, 96.0)) -> tuple[np.ndarray, np.ndarray]:
+    """Times (months) and events from a proportional-hazards model on a tissue ``feature``.
+
+    Hazard ``h(x) = h0 * exp(beta * z)`` with ``z`` the standardised feature and ``h0`` set so that a patient
+    with an average feature has median survival ``median_months``; event times are exponential. Censoring is
+    uniform over ``censor_months`` (administrative end of follow-up); ``event`` is 1 when the death comes first.
+    """
+    x = np.asarray(feature, dtype=np.float64)
+    z = (x - x.mean()) / (x.std() or 1.0)
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 11]))
+    h0 = math.log(2) / median_months
+    death = rng.exponential(1.0 / (h0 * np.exp(beta * z)))
+    censor = rng.uniform(*censor_months, size=len(z))
+    time = np.maximum(np.minimum(death, censor), 0.1)
+    return np.round(time, 2), (death <= censor).astype(int)
+
+
+def make_survival_cohort(out_dir: str | os.PathLike[str], *, n_patients: int, seed: int,
+                         size: tuple[int, int] = (2048, 2048), mpp: float = 0.25,
+                         slides_per_patient: tuple[int, ...] | list[int] = (1, 1, 1, 2),
+                         fraction_range: tuple[float, float] = (0.05, 0.6), beta: float = 1.5):
+    """A synthetic survival cohort: each patient's tumour burden sets its hazard.
+
+    Patient ``i`` draws a tumour fraction ``f_i`` (share of its tissue with the solid morphology) uniformly in
+    ``fraction_range``; all its slides show that burden. Times and events follow :func:`simulate_survival`
+    (higher burden, shorter survival; about a third censored). Manifest: ``slide_id, case_id, path, time``
+    (months), ``event`` (1 death, 0 censored) and ``tumour_fraction`` (the planted feature, for checks).
+    """
+    import pandas as pd
+
+    if n_patients < 4:
+        raise HistobenchError(f"a survival demo cohort needs at least 4 patients, got {n_patients}")
+    out = Path(out_dir)
+    pattern = [int(v) for v in slides_per_patient]
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 12]))
+    burden = np.round(rng.uniform(*fraction_range, size=n_patients), 4)
+    time, event = simulate_survival(burden, seed=seed, beta=beta)
+    params = {"generator_version": GENERATOR_VERSION, "kind": "survival", "n_patients": int(n_patients),
+              "seed": int(seed), "size": [int(size[0]), int(size[1])], "mpp": float(mpp),
+              "slides_per_patient": pattern, "burden": burden.tolist(), "beta": float(beta)}
+    cached = _cached_cohort(out, params)
+    if cached is not None:
+        return cached
+    rows, jobs = [], []
+    for i in range(n_patients):
+        case_id = f"DEMO-{i + 1:04d}"
+        for j in range(pattern[i % len(pattern)]):
+            slide_id, rel = f"{case_id}-{j + 1:02d}", f"slides/{case_id}-{j + 1:02d}.tiff"
+            jobs.append(dict(path=out / rel, class_index=1, n_classes=2, seed=_slide_seed(seed, i, j), size=size,
+                             mpp=mpp, signal_fraction=float(burden[i])))
+            rows.append({"slide_id": slide_id, "case_id": case_id, "path": rel, "time": float(time[i]),
+                         "event": int(event[i]), "tumour_fraction": float(burden[i])})
+    df = pd.DataFrame(rows, columns=["slide_id", "case_id", "path", "time", "event", "tumour_fraction"])
+    return _write_cohort(out, jobs, df, params)
+
+
 def _write_job(job: dict) -> dict:
+    job = dict(job)
     return write_synthetic_slide(job.pop("path"), **job)
+
+
+_WRITTEN: dict[str, Path] = {}  # job key -> a file this process wrote for it
+
+
+def _job_key(job: dict) -> str:
+    spec = {k: v for k, v in job.items() if k != "path"}
+    return hashlib.sha256(json.dumps([GENERATOR_VERSION, spec], sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -1,4 +1,11 @@
-"""Tissue detection on a slide thumbnail: saturation + Otsu, cleaned up with morphology."""
+"""Tissue detection on a slide thumbnail: saturation + Otsu, cleaned up with morphology.
+
+:func:`tissue_mask` is for brightfield (H&E, IHC) slides: tissue is coloured on white or light-grey glass;
+near-white and near-black pixels (glass, slide edges, out-of-scan areas) and pen marks (strongly blue or green
+ink) are never tissue. :func:`slide_kind` tells a fluorescence slide (bright signal on a dark background) from
+a brightfield one; for those, :func:`tissue_mask` falls back to an Otsu cut of brightness (the caller reports
+that the slide is not brightfield H&E).
+"""
 
 from __future__ import annotations
 
@@ -50,12 +57,42 @@ def _saturation(rgb: np.ndarray) -> np.ndarray:
     return np.where(mx > 0, 255.0 * (mx - mn) / np.maximum(mx, 1), 0.0).astype(np.float32)
 
 
+def slide_kind(rgb: np.ndarray) -> str:
+    """``"brightfield"``, ``"fluorescence"`` (mostly dark background, like DAPI/FITC scans) or ``"empty"``.
+
+    Brightfield glass is bright: the median pixel of a thumbnail is light whenever glass makes up a good part of
+    it. A fluorescence scan is dark almost everywhere, signal included: its median maximum channel is low.
+    """
+    rgb = np.asarray(rgb)[..., :3]
+    if rgb.size == 0:
+        return "empty"
+    mx = rgb.max(axis=-1)
+    if np.median(mx) < 60 and np.mean(mx < 60) > 0.5:
+        return "fluorescence"
+    if rgb.min(axis=-1).min() >= WHITE_LEVEL or mx.max() <= BLACK_LEVEL:
+        return "empty"
+    return "brightfield"
+
+
+def pen_mask(rgb: np.ndarray) -> np.ndarray:
+    """Pixels of blue or green marker ink: saturated colours that H&E never makes.
+
+    Eosin and haematoxylin are red-violet: their red channel stays close to or above their green one and blue
+    exceeds red only moderately. Blue ink has blue far above red; green ink has green above both.
+    """
+    r, g, b = (rgb[..., i].astype(np.int16) for i in range(3))
+    blue = (b > r + 50) & (b > g + 20) & (r < 140)
+    green = (g > r + 20) & (g > b + 10)
+    return blue | green
+
+
 def tissue_mask(rgb: np.ndarray, *, min_area_frac: float = 0.001) -> np.ndarray:
     """Boolean tissue mask [h, w] of an RGB thumbnail (uint8 [h, w, 3]).
 
     Steps: HSV saturation thresholded with Otsu (never below ``MIN_SATURATION``); near-white and near-black pixels
-    excluded; morphological closing then opening; holes filled; connected components smaller than
-    ``min_area_frac`` of the image removed. An image with no tissue (all glass) gives an all-False mask.
+    and pen ink (:func:`pen_mask`) excluded; morphological closing then opening; holes filled; connected
+    components smaller than ``min_area_frac`` of the image removed. An image with no tissue (all glass) gives an
+    all-False mask. A fluorescence thumbnail (:func:`slide_kind`) is cut by brightness instead of saturation.
     """
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[-1] not in (3, 4):
@@ -67,16 +104,24 @@ def tissue_mask(rgb: np.ndarray, *, min_area_frac: float = 0.001) -> np.ndarray:
     if h == 0 or w == 0:
         return np.zeros((h, w), dtype=bool)
 
-    sat = _saturation(rgb)
-    not_white = rgb.min(axis=-1) < WHITE_LEVEL
-    not_black = rgb.max(axis=-1) > BLACK_LEVEL
-    candidates = not_white & not_black
-    if not candidates.any():
-        return np.zeros((h, w), dtype=bool)
-
-    t = otsu_threshold(sat)
-    t = MIN_SATURATION if t is None else max(t, MIN_SATURATION)
-    mask = (sat >= t) & candidates
+    if slide_kind(rgb) == "fluorescence":
+        # Nuclear stains light up nuclei, not the tissue between them: blur brightness to the scale of a few
+        # cells, then Otsu on a log scale separates the faint tissue glow from the black background.
+        sigma = max(2.0, 0.01 * min(h, w))
+        glow = np.log1p(ndimage.gaussian_filter(rgb.max(axis=-1).astype(np.float32), sigma))
+        t = otsu_threshold(glow, value_range=(0.0, float(np.log(256.0))))
+        t = float(np.log1p(8.0)) if t is None else max(t, float(np.log1p(8.0)))
+        mask = glow >= t
+    else:
+        sat = _saturation(rgb)
+        not_white = rgb.min(axis=-1) < WHITE_LEVEL
+        not_black = rgb.max(axis=-1) > BLACK_LEVEL
+        candidates = not_white & not_black & ~pen_mask(rgb)
+        if not candidates.any():
+            return np.zeros((h, w), dtype=bool)
+        t = otsu_threshold(sat)
+        t = MIN_SATURATION if t is None else max(t, MIN_SATURATION)
+        mask = (sat >= t) & candidates
     if not mask.any():
         return mask
 
