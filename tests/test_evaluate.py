@@ -174,7 +174,7 @@ def test_evaluate_features_end_to_end():
     s = res.summary["macro_auc"]
     assert s["ci_low"] <= s["pooled"] <= s["ci_high"] and s["sd"] >= 0
     p = res.predictions
-    assert list(p.columns) == ["slide_id", "case_id", "fold", "label", "prob_LUAD", "prob_LUSC"]
+    assert list(p.columns) == ["slide_id", "case_id", "fold", "seed", "label", "prob_LUAD", "prob_LUSC"]
     assert len(p) == len(manifest) - 2 and p["slide_id"].is_unique and dropped not in set(p["slide_id"])
     np.testing.assert_allclose(p[["prob_LUAD", "prob_LUSC"]].sum(axis=1), 1.0, atol=1e-9)
     for k in range(5):  # each test slide belongs to a test patient of its fold

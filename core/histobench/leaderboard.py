@@ -1,20 +1,54 @@
-"""Leaderboards generated from MLflow runs (never hand-edited)."""
+"""Leaderboards generated from MLflow runs (never hand-edited).
+
+One row per finished ``histobench run`` (or ``histobench evaluate``) of a task, ranked by the task's primary
+metric (its mean over folds x seeds). Columns: every task metric as ``mean ± sd``; the primary metric's 95%
+patient-bootstrap CI; ``top group``, a check mark for rows whose CI overlaps the top row's CI, i.e. rows not
+clearly worse than the best (overlapping intervals are a conservative screen; ``histobench compare A B``
+gives the paired test); the compute spent (pretraining hours on the device it ran on, pretraining images/s,
+extraction tiles/s, wall minutes); and provenance (run id, git sha, plugin versions, split hash).
+"""
 
 from __future__ import annotations
 
+import html
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 from histobench.registry import get_component
 from histobench.tracking import search_runs
 
+FORMATS = ("table", "md", "csv", "html")
+
+
+def _children(task: str, tracking_uri: str | None) -> dict[str, dict[str, dict[str, Any]]]:
+    """``parent run id -> stage -> child run`` for the pretrain and extract stages."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for stage in ("pretrain", "extract"):
+        for r in search_runs(task, tracking_uri, stage=stage):
+            parent = r["tags"].get("mlflow.parentRunId")
+            if parent:
+                out.setdefault(parent, {})[stage] = r
+    return out
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "" if value is None or value != value else f"{value:.{digits}f}"
+
+
+def _plugins(tags: dict[str, str]) -> str:
+    plugins = {k.split(".", 2)[2]: v for k, v in tags.items() if k.startswith("histobench.plugin.")}
+    return "; ".join(f"{k}={v}" for k, v in sorted(plugins.items()))
+
 
 def build_leaderboard(task: str, tracking_uri: str | None = None, include_demo: bool = True):
-    """One row per finished ``histobench run`` of ``task``, ranked by the task's primary metric (higher first)."""
+    """The ranked leaderboard of ``task`` as a DataFrame (empty when no run has the primary metric)."""
     import pandas as pd
 
     cls = get_component("task", task).cls
     primary = cls.primary_metric
+    children = _children(task, tracking_uri)
     rows = []
     for r in search_runs(task, tracking_uri, stage="run"):
         demo = r["params"].get("run.demo", "False") == "True"
@@ -23,47 +57,114 @@ def build_leaderboard(task: str, tracking_uri: str | None = None, include_demo: 
         m, p, t = r["metrics"], r["params"], r["tags"]
         if f"{primary}_mean" not in m:
             continue
-        row = {
+        row: dict[str, Any] = {
             "pretext": p.get("run.pretext", "?"),
             "encoder": p.get("encoder.name", "?"),
             "aggregator": p.get("aggregator.name", "?"),
             "seed": p.get("run.seed", ""),
             "demo": demo,
         }
-        for metric in cls.metrics:
+        metrics = list(dict.fromkeys([primary, *cls.metrics]))
+        if cls.task_kind == "survival":
+            metrics += [f"cox_{x}" for x in metrics if f"cox_{x}_mean" in m]
+        for metric in metrics:
             if f"{metric}_mean" in m:
-                row[metric] = f"{m[f'{metric}_mean']:.3f} ± {m.get(f'{metric}_sd', float('nan')):.3f}"
+                row[metric] = f"{m[f'{metric}_mean']:.3f} ± {_fmt(m.get(f'{metric}_sd'))}"
         lo, hi = m.get(f"{primary}_ci_low"), m.get(f"{primary}_ci_high")
         row[f"{primary} 95% CI"] = f"[{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""
-        row["_score"] = m[f"{primary}_mean"]
-        row["minutes"] = round(m.get("wall_seconds", float("nan")) / 60, 1)
+        row["_score"], row["_lo"], row["_hi"] = m[f"{primary}_mean"], lo, hi
+        kids = children.get(r["run_id"], {})
+        pre = kids.get("pretrain")
+        device = t.get("histobench.hw.device", "")
+        if pre and pre.get("end_time") and pre.get("start_time"):
+            hours = (pre["end_time"] - pre["start_time"]) / 3.6e6
+            row["pretrain hours"] = f"{hours:.3f} ({'GPU' if device and device != 'cpu' else 'CPU'})"
+        else:
+            row["pretrain hours"] = ""
+        row["pretrain img/s"] = _fmt((pre or {}).get("metrics", {}).get("pretrain/images_per_second", m.get("pretrain/images_per_second")), 1)
+        ext = kids.get("extract", {}).get("metrics", {})
+        row["extract tiles/s"] = _fmt(ext.get("extract/tiles_per_second", m.get("extract/tiles_per_second")), 1)
+        row["minutes"] = _fmt(m.get("wall_seconds", float("nan")) / 60, 1)
+        row["device"] = device
         row["run_id"] = r["run_id"]
         row["git_sha"] = t.get("histobench.git_sha", "")[:12]
         row["split_hash"] = t.get("histobench.split_hash", "")
+        row["plugins"] = _plugins(t)
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
         return df
-    df = df.sort_values("_score", ascending=False, kind="stable").drop(columns="_score").reset_index(drop=True)
+    df = df.sort_values("_score", ascending=False, kind="stable").reset_index(drop=True)
+    top_lo = float(df.loc[0, "_lo"]) if df.loc[0, "_lo"] is not None else float("nan")
+    top_group = (df["_hi"].astype(float) >= top_lo).to_numpy() | (df.index == 0)
+    position = list(df.columns).index(f"{primary} 95% CI") + 1
+    df.insert(position, "top group", ["✓" if x else "" for x in top_group])
+    df = df.drop(columns=["_score", "_lo", "_hi"])
     df.insert(0, "rank", range(1, len(df) + 1))
     return df
 
 
-def write_leaderboard(df, task: str, out_dir: Path) -> list[Path]:
-    """Write ``<task>.csv`` and ``<task>.md`` atomically; returns the paths."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = out_dir / f"{task}.csv", out_dir / f"{task}.md"
-    tmp = csv_path.with_suffix(".csv.tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, csv_path)
+_NOTE = ("Generated by `histobench leaderboard --task {task}` from MLflow runs; do not edit by hand. "
+         "Mean ± sd over folds (x seeds); the CI is a 95% patient-level bootstrap of the primary metric "
+         "({primary}); ✓ = CI overlaps the top row's (not clearly worse; `histobench compare` gives the paired test).")
+
+
+def to_markdown(df, task: str, primary: str) -> str:
     header = "| " + " | ".join(map(str, df.columns)) + " |"
     sep = "|" + "|".join("---" for _ in df.columns) + "|"
-    body = ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    text = (f"# {task} leaderboard\n\nGenerated by `histobench leaderboard --task {task}` from MLflow runs; "
-            f"do not edit by hand. Mean ± sd over folds; the CI is a patient-level bootstrap.\n\n"
-            + "\n".join([header, sep, *body]) + "\n")
-    tmp = md_path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, md_path)
-    return [md_path, csv_path]
+    body = ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in df.itertuples(index=False)]
+    return f"# {task} leaderboard\n\n{_NOTE.format(task=task, primary=primary)}\n\n" + "\n".join([header, sep, *body]) + "\n"
+
+
+_CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222}
+table{border-collapse:collapse;font-variant-numeric:tabular-nums}
+th,td{border-bottom:1px solid #ddd;padding:.35em .7em;text-align:left;white-space:nowrap}
+th{background:#f4f4f4;position:sticky;top:0}tr.top td{background:#f2fbf2}
+td.prov{font-family:monospace;font-size:12px;color:#555}p.note{color:#555;max-width:70em}"""
+
+
+PROV_CLASS = ' class="prov"'
+
+
+def to_html(df, task: str, primary: str) -> str:
+    """A single self-contained page (inline CSS, no scripts, no external assets): one ``<tr>`` per run."""
+    esc = html.escape
+    prov = {"run_id", "git_sha", "split_hash", "plugins"}
+    head = "".join(f"<th>{esc(str(c))}</th>" for c in df.columns)
+    rows = []
+    for rec in df.to_dict("records"):
+        cls = ' class="top"' if rec.get("top group") else ""
+        cells = "".join(f'<td{PROV_CLASS if c in prov else ""} data-col="{esc(str(c))}">{esc(str(v))}</td>'
+                        for c, v in rec.items())
+        rows.append(f'<tr{cls} data-run-id="{esc(str(rec.get("run_id", "")))}">{cells}</tr>')
+    note = esc(_NOTE.format(task=task, primary=primary))
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(task)} leaderboard</title>'
+            f"<style>{_CSS}</style></head><body><h1>{esc(task)} leaderboard</h1><p class=\"note\">{note}</p>"
+            f'<table id="leaderboard"><thead><tr>{head}</tr></thead><tbody>\n' + "\n".join(rows)
+            + "\n</tbody></table></body></html>\n")
+
+
+def _atomic(path: Path, text: str) -> Path:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def write_leaderboard(df, task: str, out_dir: Path, formats: tuple[str, ...] = ("md", "csv"),
+                      primary: str | None = None) -> list[Path]:
+    """Write ``<task>.<md|csv|html>`` atomically for each of ``formats`` ("table" writes nothing); returns paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    primary = primary or get_component("task", task).cls.primary_metric
+    paths = []
+    for fmt in formats:
+        if fmt == "md":
+            paths.append(_atomic(out_dir / f"{task}.md", to_markdown(df, task, primary)))
+        elif fmt == "csv":
+            paths.append(_atomic(out_dir / f"{task}.csv", df.to_csv(index=False)))
+        elif fmt == "html":
+            paths.append(_atomic(out_dir / f"{task}.html", to_html(df, task, primary)))
+        elif fmt == "json":
+            paths.append(_atomic(out_dir / f"{task}.json", json.dumps(df.to_dict("records"), indent=2)))
+    return paths

@@ -159,3 +159,39 @@ def write_json(obj: Any, path: Path) -> Path:
         json.dump(obj, f, indent=2, default=str)
     os.replace(f.name, path)
     return path
+
+
+def get_run(run_id: str, tracking_uri: str | None = None) -> dict[str, Any]:
+    """One run as a dict (id, name, experiment, params, metrics, tags); raises ``HistobenchError`` if unknown."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from histobench.errors import HistobenchError
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient()
+    try:
+        r = client.get_run(run_id)
+    except MlflowException:
+        raise HistobenchError(f"no MLflow run {run_id!r} at {mlflow.get_tracking_uri()}") from None
+    exp = client.get_experiment(r.info.experiment_id)
+    return {"run_id": r.info.run_id, "name": r.info.run_name, "experiment": exp.name if exp else "",
+            "params": dict(r.data.params), "metrics": dict(r.data.metrics), "tags": dict(r.data.tags)}
+
+
+def download_artifact(run_id: str, path: str, dst: Path, tracking_uri: str | None = None) -> Path:
+    """Download one artifact of a run into ``dst``; raises ``HistobenchError`` if the run has no such file."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from histobench.errors import HistobenchError
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst)))
+    except (MlflowException, OSError):
+        raise HistobenchError(f"run {run_id} has no artifact {path!r}") from None

@@ -16,7 +16,11 @@ class EvalOptions(StrictOptions):
     decay is decoupled: each step shrinks the weights by ``lr * weight_decay``, so its useful values are
     about a hundred times those of Adam's coupled L2 (the 1e-5 of CLAM/HIPT); the default 1e-2 is PyTorch's
     AdamW default. Biases are not decayed. For the ``mean-linear`` head this decay is the L2 penalty of the
-    logistic regression.
+    logistic regression. There is no early stopping: every fold trains for ``epochs`` on its train and val
+    patients together, so no method can tune on held-out data. Survival heads use the discrete-time NLL
+    (no class weighting) over ``survival_bins`` intervals; the protocol's second survival model is a ridge
+    Cox PH (``cox_alpha``) on mean-pooled features. With ``seeds > 1`` every fold is trained once per seed
+    (seed ``seed + 1000 * s + k`` for fold ``k``, repeat ``s``) and the mean ± sd are over folds x seeds.
     """
 
     epochs: int = Field(20, ge=1, description="Passes over the training bags per fold.")
@@ -32,5 +36,8 @@ class EvalOptions(StrictOptions):
         "balanced", description="'balanced': cross-entropy weights n / (C * n_c) from the training labels."
     )
     seed: int = Field(0, description="Seed of initialisation, batching, tile sampling and dropout (fold k uses seed + k).")
+    seeds: int = Field(1, ge=1, description="Training repeats per fold with different seeds (mean ± sd over folds x seeds).")
+    survival_bins: int = Field(4, ge=2, description="Discrete-time survival intervals, cut at quantiles of uncensored training times.")
+    cox_alpha: float = Field(1.0, ge=0, description="Ridge penalty of the Cox PH model on standardised mean-pooled features.")
     bootstrap: int = Field(1000, ge=0, description="Patient-level bootstrap replicates for the 95% CIs (0: none).")
     device: str = Field("auto", description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'.")

@@ -1,10 +1,18 @@
 """The slide-level evaluation protocol: per-fold aggregator training on cached features, metrics, CIs.
 
-Slides are the units (each slide is one bag with the manifest's label); patients are what the folds group.
-Each fold trains a freshly built aggregator on the slides of its train and val patients (the one policy has
-a fixed epoch budget, so val is not held out for early stopping) and predicts the slides of its test
-patients. Metrics are computed per fold and on the pooled out-of-fold predictions, whose 95% CI comes from a
-bootstrap over patients.
+Slides are the units (each slide is one bag with the manifest's label, or ``time``/``event``); patients
+are what the folds group. Each fold trains a freshly built aggregator on the slides of its train and val
+patients (the one policy has a fixed epoch budget, so val is not held out for early stopping) and predicts
+the slides of its test patients, once per seed (``eval.seeds``).
+
+* subtyping / grading: class-weighted cross-entropy; metrics per fold and on the pooled out-of-fold
+  predictions, 95% CI by a patient bootstrap of the pooled value.
+* survival: the aggregator is built with ``eval.survival_bins`` outputs and trained with the discrete-time
+  NLL (:mod:`histobench.evaluate.survival`); the protocol also fits a ridge Cox PH on mean-pooled features.
+  Metrics ``c_index``/``c_index_uno`` (discrete-time model), ``cox_c_index``/``cox_c_index_uno`` and
+  ``logrank_p`` (test patients split at the fold's median risk). Risks of different folds are not on one
+  scale, so ``pooled`` is the mean over folds and the CI resamples patients within folds
+  (:mod:`histobench.evaluate.stats`).
 """
 
 from __future__ import annotations
@@ -19,7 +27,8 @@ import pandas as pd
 from histobench.cohorts.splits import Splits
 from histobench.components import Aggregator
 from histobench.errors import HistobenchError
-from histobench.evaluate.metrics import DEFAULT_METRICS, METRICS, bootstrap_ci
+from histobench.evaluate import stats
+from histobench.evaluate.metrics import DEFAULT_METRICS, METRICS
 from histobench.evaluate.options import EvalOptions
 from histobench.evaluate.train import fit_aggregator, predict
 
@@ -38,7 +47,8 @@ class EvalResult:
     """Per metric: ``mean`` and ``sd`` over folds, ``pooled`` (on all out-of-fold predictions), ``ci_low``,
     ``ci_high`` (patient-level bootstrap 95% CI of the pooled value) and ``n_folds``."""
     predictions: pd.DataFrame
-    """One row per test slide: ``slide_id, case_id, fold, label`` (class index), ``prob_<class>``..."""
+    """One row per test slide and seed repeat: ``slide_id, case_id, fold, seed`` then ``label`` (class index),
+    ``prob_<class>``... or, for survival, ``time, event, risk, cox_risk, surv_<k>``..."""
     n_skipped: int
     """Slides left out: labels not in ``classes``, in no test fold, missing features, or empty bags."""
     split_hash: str
@@ -50,6 +60,8 @@ class EvalResult:
     """Patients on two sides of a fold according to the splits audit (0 for :func:`make_splits`)."""
     attention: dict[str, np.ndarray] = field(default_factory=dict)
     """Tile attention of a few test slides per fold (``slide_id -> [N]``), for heatmaps."""
+    per_fold_index: list[tuple[int, int]] = field(default_factory=list)
+    """``(fold, seed repeat)`` of each entry of ``per_fold``."""
 
     @property
     def metrics(self) -> list[str]:
@@ -79,30 +91,40 @@ def evaluate_features(
     metrics: list[str] | None = None,
     attention_per_fold: int = 2,
 ) -> EvalResult:
-    """Evaluate ``features`` (``slide_id -> [N, D]``) on a classification task over ``splits``.
+    """Evaluate ``features`` (``slide_id -> [N, D]``) on a task over ``splits``.
 
-    ``task_kind`` is ``subtyping`` or ``grading`` (survival is not implemented yet). ``metrics`` defaults
-    to the task kind's :data:`~histobench.evaluate.metrics.DEFAULT_METRICS`. ``progress(message, done,
-    total)`` is called after each fold. Fold ``k`` is trained with seed ``opts.seed + k``.
+    ``task_kind`` is ``subtyping``, ``grading`` or ``survival`` (manifest columns ``time`` and ``event``;
+    ``classes`` is ignored). ``metrics`` defaults to the task kind's
+    :data:`~histobench.evaluate.metrics.DEFAULT_METRICS`; for survival each named metric is also reported
+    for the Cox model with a ``cox_`` prefix, plus ``logrank_p``. ``progress(message, done, total)`` is
+    called after each fold (all its seeds). Fold ``k``, repeat ``s`` is trained with seed
+    ``opts.seed + 1000 * s + k``.
     """
     import torch
 
-    if task_kind == "survival":
-        raise HistobenchError("survival evaluation is not implemented yet")
     if task_kind not in DEFAULT_METRICS:
         raise HistobenchError(f"unknown task kind {task_kind!r}")
+    survival = task_kind == "survival"
     names = list(metrics or DEFAULT_METRICS[task_kind])
     unknown = [m for m in names if m not in METRICS]
     if unknown:
         raise HistobenchError(f"unknown metric(s) {unknown}; metrics: {', '.join(METRICS)}")
     classes = [str(c) for c in classes]
-    for col in ("slide_id", "case_id"):
+    need = ("slide_id", "case_id") + (("time", "event") if survival else ())
+    for col in need:
         if col not in manifest.columns:
             raise HistobenchError(f"the manifest has no {col!r} column")
 
     # ------------------------------------------------------------------ usable slides and their bags
     m = manifest.assign(slide_id=manifest["slide_id"].astype(str), case_id=manifest["case_id"].astype(str))
-    m = m.drop_duplicates("slide_id").assign(y=_label_index(m.drop_duplicates("slide_id"), classes).values)
+    m = m.drop_duplicates("slide_id")
+    if survival:
+        t = pd.to_numeric(m["time"], errors="coerce")
+        e = pd.to_numeric(m["event"], errors="coerce")
+        ok = t.notna() & e.isin([0, 1]) & (t >= 0)
+        m = m.assign(time=t, event=e, y=np.where(ok, 0, -1))
+    else:
+        m = m.assign(y=_label_index(m, classes).values)
     skipped = {"unlabeled": int((m["y"] < 0).sum()), "missing_features": 0, "empty": 0, "not_in_splits": 0}
     m = m[m["y"] >= 0]
     test_side = splits.table[splits.table["split"] == "test"]
@@ -142,9 +164,10 @@ def evaluate_features(
         cases = {c for side in sides for c in splits.cases(k, side)}
         return m[m["case_id"].isin(cases)]
 
-    # ------------------------------------------------------------------ folds
-    n_out = len(classes)
+    # ------------------------------------------------------------------ folds x seeds
+    n_out = opts.survival_bins if survival else len(classes)
     per_fold: list[dict[str, float]] = []
+    index: list[tuple[int, int]] = []
     frames: list[pd.DataFrame] = []
     attention: dict[str, np.ndarray] = {}
     folds = sorted(int(f) for f in splits.table["fold"].unique())
@@ -153,40 +176,69 @@ def evaluate_features(
         test = fold_slides(k, ("test",))
         if train.empty or test.empty:
             raise HistobenchError(f"fold {k} has no {'training' if train.empty else 'test'} slides with features")
-        fold_opts = opts.model_copy(update={"seed": opts.seed + k})
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(fold_opts.seed)
-            module = aggregator.build(in_dim, n_out)
-        module = fit_aggregator(
-            module, [bags[s] for s in train["slide_id"]], train["y"].to_numpy(), fold_opts, n_outputs=n_out
-        )
-        logits, att = predict(module, [bags[s] for s in test["slide_id"]])
-        probs = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
-        y = test["y"].to_numpy()
-        per_fold.append({name: METRICS[name](y, probs) for name in names})
-        frame = pd.DataFrame({"slide_id": test["slide_id"].values, "case_id": test["case_id"].values, "fold": k, "label": y})
-        for c, cls in enumerate(classes):
-            frame[f"prob_{cls}"] = probs[:, c]
-        frames.append(frame)
-        for sid, a in list(zip(test["slide_id"], att))[:attention_per_fold]:
-            if a is not None:
-                attention[sid] = a
+        train_bags = [bags[s] for s in train["slide_id"]]
+        test_bags = [bags[s] for s in test["slide_id"]]
+        if survival:
+            if not train["event"].astype(bool).any():
+                raise HistobenchError(f"fold {k} has no death among its training patients")
+            from histobench.evaluate.survival import bin_index, discrete_time_nll, fit_cox, time_bins
+
+            cuts = time_bins(train["time"].to_numpy(), train["event"].to_numpy(), opts.survival_bins)
+            targets = np.stack([bin_index(train["time"].to_numpy(), cuts), train["event"].to_numpy()], axis=1)
+            cox = fit_cox(np.stack([b.mean(axis=0) for b in train_bags]), train["time"].to_numpy(),
+                          train["event"].to_numpy(), alpha=opts.cox_alpha)
+            cox_risk = cox.risk(np.stack([b.mean(axis=0) for b in test_bags]))
+        for rep in range(opts.seeds):
+            fold_opts = opts.model_copy(update={"seed": opts.seed + 1000 * rep + k})
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(fold_opts.seed)
+                module = aggregator.build(in_dim, n_out)
+            if survival:
+                module = fit_aggregator(module, train_bags, targets, fold_opts, n_outputs=n_out, loss=discrete_time_nll)
+            else:
+                module = fit_aggregator(module, train_bags, train["y"].to_numpy(), fold_opts, n_outputs=n_out)
+            out, att = predict(module, test_bags)
+            frame = pd.DataFrame({"slide_id": test["slide_id"].values, "case_id": test["case_id"].values,
+                                  "fold": k, "seed": rep})
+            if survival:
+                from histobench.evaluate.survival import risk_from_logits, survival_curves
+
+                frame["time"] = test["time"].to_numpy(dtype=np.float64)
+                frame["event"] = test["event"].to_numpy().astype(int)
+                frame["risk"] = risk_from_logits(out)
+                frame["cox_risk"] = cox_risk
+                for j, col in enumerate(survival_curves(out).T):
+                    frame[f"surv_{j}"] = col
+            else:
+                probs = torch.softmax(torch.from_numpy(out).double(), dim=1).numpy()
+                frame["label"] = test["y"].to_numpy()
+                for c, cls in enumerate(classes):
+                    frame[f"prob_{cls}"] = probs[:, c]
+            per_fold.append(_fold_metrics(frame, task_kind, names, classes))
+            index.append((k, rep))
+            frames.append(frame)
+            if rep == 0:
+                for sid, a in list(zip(test["slide_id"], att))[:attention_per_fold]:
+                    if a is not None:
+                        attention[sid] = a
         if progress is not None:
             progress(f"fold {k}", done, len(folds))
 
     # ------------------------------------------------------------------ summary
     predictions = pd.concat(frames, ignore_index=True)
-    y_all = predictions["label"].to_numpy()
-    p_all = predictions[[f"prob_{c}" for c in classes]].to_numpy()
     summary: dict[str, dict[str, Any]] = {}
-    for name in names:
+    for name in per_fold[0]:
         values = np.array([f[name] for f in per_fold], dtype=np.float64)
         finite = values[np.isfinite(values)]
-        lo, hi = bootstrap_ci(METRICS[name], predictions["case_id"].to_numpy(), y_all, p_all, n=opts.bootstrap, seed=opts.seed)
+        if name == "logrank_p":  # a p-value: no bootstrap; pooled = the test on within-fold median splits
+            pooled, (lo, hi) = logrank_pooled(predictions), (float("nan"), float("nan"))
+        else:
+            pooled = stats.statistic(predictions, task_kind, name, classes)
+            lo, hi = stats.bootstrap(predictions, task_kind, name, classes, n=opts.bootstrap, seed=opts.seed)
         summary[name] = {
             "mean": float(finite.mean()) if len(finite) else float("nan"),
             "sd": float(finite.std(ddof=1)) if len(finite) > 1 else float("nan"),
-            "pooled": METRICS[name](y_all, p_all),
+            "pooled": pooled,
             "ci_low": lo,
             "ci_high": hi,
             "n_folds": int(len(finite)),
@@ -203,4 +255,33 @@ def evaluate_features(
         skipped=skipped,
         n_leaks=int(leaks["case_id"].nunique()) if len(leaks) else 0,
         attention=attention,
+        per_fold_index=index,
     )
+
+
+def survival_metric_names(names: list[str]) -> list[str]:
+    """The survival metrics reported for ``names``: each for both models, then ``logrank_p``."""
+    return [*names, *(f"cox_{n}" for n in names), "logrank_p"]
+
+
+def high_risk_groups(predictions: pd.DataFrame, column: str = "risk") -> np.ndarray:
+    """True for rows above their own (fold, seed)'s median risk: the Kaplan-Meier / log-rank grouping."""
+    keys = [predictions["fold"], predictions["seed"] if "seed" in predictions else 0]
+    median = predictions.groupby(keys)[column].transform("median")
+    return (predictions[column] > median).to_numpy()
+
+
+def logrank_pooled(predictions: pd.DataFrame, column: str = "risk") -> float:
+    """Log-rank p of high vs low risk, each row grouped by its own fold's median (first seed only)."""
+    from histobench.evaluate.survival import logrank_test
+
+    p = predictions[predictions["seed"] == predictions["seed"].min()] if "seed" in predictions else predictions
+    return logrank_test(p["time"].to_numpy(), p["event"].to_numpy(), high_risk_groups(p, column))[1]
+
+
+def _fold_metrics(frame: pd.DataFrame, task_kind: str, names: list[str], classes: list[str]) -> dict[str, float]:
+    if task_kind != "survival":
+        return {n: stats.metric_on_rows(frame, task_kind, n, classes) for n in names}
+    out = {n: stats.metric_on_rows(frame, task_kind, n) for n in survival_metric_names(names)[:-1]}
+    out["logrank_p"] = logrank_pooled(frame)
+    return out
