@@ -39,6 +39,9 @@ class RunSpec:
     tracking_uri: str | None = None
     track: bool = True
     device: str | None = None
+    fail_fast: bool = False
+    allow_leaky_splits: bool = False
+    split: str | None = None  # a published split preset of the task; None: the task's `split` option
 
 
 @dataclass
@@ -96,10 +99,25 @@ def _digest(obj: Any) -> str:
 # --------------------------------------------------------------------------------------------- stages
 
 
-def load_cohort(spec: RunSpec, task: Task, reporter: Reporter):
-    """The task's manifest: the synthetic stand-in with ``--demo``, else the cohort under the data root."""
-    from histobench.cohorts.manifest import data_root, validate_manifest
+def _problem(spec: RunSpec, reporter: Reporter, status, slide_id: str, stage: str, reason: str) -> None:
+    """Record one unusable slide; with ``--fail-fast`` stop on it (what is written stays written)."""
+    status.add(slide_id, stage, "skipped", reason)
+    if spec.fail_fast:
+        status.save(Path(spec.workdir) / "status.csv")
+        raise HistobenchError(f"slide {slide_id} ({stage}): {reason} (--fail-fast)")
+    reporter.warn(f"slide {slide_id} ({stage}): {reason}")
 
+
+def load_cohort(spec: RunSpec, task: Task, reporter: Reporter, status=None):
+    """The task's manifest: the synthetic stand-in with ``--demo``, else the cohort under the data root.
+
+    Rows that cannot be used (unknown ids, missing columns, bad labels or survival times) are recorded in
+    ``status`` and dropped; the run goes on with the rest.
+    """
+    from histobench.cohorts.manifest import data_root, validate_manifest
+    from histobench.cohorts.status import StatusTable, validate_manifest_rows
+
+    status = status if status is not None else StatusTable()
     if spec.demo:
         out = Path(spec.workdir) / "demo" / task.name
         with reporter.stage(f"demo cohort {task.name}", total=None, unit="slides"):
@@ -107,20 +125,32 @@ def load_cohort(spec: RunSpec, task: Task, reporter: Reporter):
     else:
         df = task.cohort(data_root(spec.data_root))
     df = validate_manifest(df, ["label"] if task.task_kind != "survival" else ["time", "event"], source=f"task {task.name}")
+    df, problems = validate_manifest_rows(df, task, check_known_ids=not spec.demo)
+    for slide_id, reason in problems:
+        _problem(spec, reporter, status, slide_id, "manifest", reason)
+    if df.empty:
+        raise HistobenchError(f"no usable slide in the cohort of task {task.name} ({status.summary()})")
     reporter.info(f"cohort {task.name}: {len(df)} slides, {df['case_id'].nunique()} patients")
-    return df
+    return df.reset_index(drop=True)
 
 
-def tile_cohort(manifest, task: Task, workdir: Path, reporter: Reporter):
-    """Tile every slide at the task's µm/px and size (cached per slide); returns ``[SlideTiles]``."""
+def tile_cohort(manifest, task: Task, workdir: Path, reporter: Reporter, spec: RunSpec | None = None, status=None):
+    """Tile every slide at the task's µm/px and size (cached per slide); returns ``[SlideTiles]``.
+
+    A slide that is missing, unreadable, truncated, without resolution or without tissue is recorded in the
+    status table (``WORKDIR/status.csv``) and skipped; ``--fail-fast`` stops at the first one instead.
+    """
+    from histobench.cohorts.status import StatusTable, check_slide
     from histobench.pretrain.data import SlideTiles
     from histobench.slides.reader import open_slide
     from histobench.slides.tiling import TileSet, tile_slide
 
+    spec = spec or RunSpec(task=task.name, workdir=Path(workdir))
+    status = status if status is not None else StatusTable()
     o = task.options
     key = f"mpp{o.mpp:g}-px{o.tile_size}-t{o.min_tissue:g}"
     out_dir = Path(workdir) / "tiles" / key
-    slides, skipped = [], []
+    slides = []
     with reporter.stage(f"tile {task.name}", total=len(manifest), unit="slides") as st:
         for row in manifest.itertuples():
             path = out_dir / f"{row.slide_id}.npz"
@@ -128,24 +158,30 @@ def tile_cohort(manifest, task: Task, workdir: Path, reporter: Reporter):
                 if path.exists():
                     tiles = TileSet.load(path)
                 else:
+                    reason = check_slide(row)
+                    if reason:
+                        _problem(spec, reporter, status, row.slide_id, "tile", reason)
+                        st.advance()
+                        continue
                     with open_slide(row.path) as slide:
                         tiles = tile_slide(slide, mpp=o.mpp, tile_size=o.tile_size, min_tissue=o.min_tissue)
                     tiles.save(path)
             except HistobenchError as err:
-                skipped.append(row.slide_id)
-                reporter.warn(f"slide {row.slide_id}: {err}")
+                _problem(spec, reporter, status, row.slide_id, "tile", str(err))
                 st.advance()
                 continue
             if len(tiles) == 0:
-                skipped.append(row.slide_id)
-                reporter.warn(f"slide {row.slide_id}: no tissue tiles at {o.mpp:g} µm/px")
+                _problem(spec, reporter, status, row.slide_id, "tile", f"no tissue tiles at {o.mpp:g} µm/px")
             else:
+                status.add(row.slide_id, "tile", "ok", f"{len(tiles)} tiles")
                 slides.append(SlideTiles(row.slide_id, Path(row.path), tiles))
             st.advance()
+    status.save(Path(workdir) / "status.csv")
     if not slides:
-        raise HistobenchError(f"no slide of task {task.name} has tissue tiles")
+        raise HistobenchError(f"no slide of task {task.name} has tissue tiles ({status.summary()})")
     n = sum(len(s.tiles) for s in slides)
-    reporter.info(f"tiles: {n} from {len(slides)} slides ({len(skipped)} skipped) at {o.mpp:g} µm/px, {o.tile_size} px")
+    skipped = len(manifest) - len(slides)
+    reporter.info(f"tiles: {n} from {len(slides)} slides ({skipped} skipped) at {o.mpp:g} µm/px, {o.tile_size} px")
     return slides
 
 
@@ -196,14 +232,15 @@ def extract_stage(spec: RunSpec, comps: Components, encoder, slides, reporter: R
 
 def evaluate_stage(spec: RunSpec, comps: Components, manifest, features, reporter: Reporter):
     """Patient-level k-fold evaluation of the aggregator on the features; returns ``(EvalResult, Splits)``."""
-    from histobench.cohorts.splits import make_splits
+    from histobench.cohorts.splits import check_leaks, task_splits
     from histobench.evaluate.protocol import evaluate_features
 
     task = comps.task
-    stratify = "event" if task.task_kind == "survival" else "label"
-    splits = make_splits(manifest, folds=task.options.folds, seed=0, stratify=stratify)
-    splits.save(Path(spec.workdir) / "splits" / f"{task.name}-{splits.hash}.csv")
-    with reporter.stage(f"evaluate {comps.aggregator.name}", total=task.options.folds, unit="folds") as st:
+    splits = task_splits(task, manifest, workdir=Path(spec.workdir), preset=spec.split, seed=0)
+    leaks = check_leaks(splits, manifest, allow_leaks=spec.allow_leaky_splits)
+    if leaks:
+        reporter.warn(f"split {splits.name!r} has {leaks} patient-fold leaks; evaluating anyway (--allow-leaky-splits)")
+    with reporter.stage(f"evaluate {comps.aggregator.name}", total=task.options.folds * comps.eval.seeds, unit="folds") as st:
         result = evaluate_features(task_kind=task.task_kind, classes=list(task.classes), manifest=manifest,
                                    features=features, splits=splits, aggregator=comps.aggregator, opts=comps.eval,
                                    metrics=list(task.metrics) or None,
@@ -241,9 +278,40 @@ def provenance(comps: Components) -> dict[str, str]:
             "histobench.plugins": json.dumps(plugin_versions())}
 
 
+def log_evaluation(tracker, spec: RunSpec, comps: Components, manifest, result, splits, features_root: Path,
+                   run_id: str | None, extra_metrics: dict[str, float] | None = None) -> Path:
+    """Log an evaluation into the current parent run: a nested run per fold (and seed), the summary metrics
+    with CIs, predictions, the resolved config, the split file and the plots. Returns the artifact folder."""
+    from histobench.evaluate.plots import log_evaluation_artifacts
+    from histobench.tracking import write_json
+
+    task = comps.task
+    tracker.tags({"histobench.split_hash": splits.hash, "histobench.split_name": splits.name,
+                  "histobench.split_leaks": result.n_leaks})
+    for fold_metrics, (k, s) in zip(result.per_fold, result.per_fold_index):
+        name = f"fold {k}" + (f" seed {s}" if comps.eval.seeds > 1 else "")
+        with tracker.run(task.name, name, stage="fold", nested=True):
+            tracker.params({"fold": k, "seed_repeat": s, "split_hash": splits.hash})
+            tracker.metrics(fold_metrics)
+    summary = {f"{metric}_{stat}": value for metric, st in result.summary.items() for stat, value in st.items()}
+    summary["eval/slides_skipped"] = result.n_skipped
+    tracker.metrics({**summary, **(extra_metrics or {})})
+    art = Path(spec.workdir) / "runs" / (run_id or "untracked")
+    art.mkdir(parents=True, exist_ok=True)
+    result.predictions.to_csv(art / "predictions.csv", index=False)
+    write_json({"spec": {k: str(v) for k, v in spec.__dict__.items()}, "resolved": comps.resolved()}, art / "config.json")
+    tracker.artifact(art / "predictions.csv")
+    tracker.artifact(art / "config.json")
+    tracker.artifact(Path(spec.workdir) / "splits" / f"{task.name}-{splits.name}-{splits.hash}.csv", "splits")
+    log_evaluation_artifacts(tracker, result, manifest, art, features_root=features_root,
+                             mpp=task.options.mpp, tile_size=task.options.tile_size)
+    return art
+
+
 def run(spec: RunSpec, reporter: Reporter | None = None) -> RunResult:
     """The whole pipeline for one task and one pretext, logged as one MLflow parent run."""
-    from histobench.tracking import Tracker, write_json
+    from histobench.cohorts.status import StatusTable
+    from histobench.tracking import Tracker
 
     reporter = reporter or Reporter()
     t0 = time.perf_counter()
@@ -259,10 +327,13 @@ def run(spec: RunSpec, reporter: Reporter | None = None) -> RunResult:
     with tracker.run(task.name, run_name, stage="run", tags={"histobench.demo": spec.demo}) as run_id:
         tracker.params({"run": {"pretext": pretext_name, "seed": spec.seed, "demo": spec.demo}, **comps.resolved()})
         tracker.tags(provenance(comps))
-        manifest = load_cohort(spec, task, reporter)
-        slides = tile_cohort(manifest, task, spec.workdir, reporter)
+        status = StatusTable()
+        manifest = load_cohort(spec, task, reporter, status)
+        slides = tile_cohort(manifest, task, spec.workdir, reporter, spec, status)
         tracker.metrics({"cohort/slides": len(manifest), "cohort/patients": manifest["case_id"].nunique(),
-                         "cohort/tiles": sum(len(s.tiles) for s in slides)})
+                         "cohort/tiles": sum(len(s.tiles) for s in slides),
+                         "cohort/slides_skipped": len(status.problems())})
+        tracker.artifact(Path(spec.workdir) / "status.csv")
 
         if comps.pretext is not None:
             with tracker.run(task.name, f"pretrain {pretext_name}", stage="pretrain", nested=True):
@@ -287,24 +358,6 @@ def run(spec: RunSpec, reporter: Reporter | None = None) -> RunResult:
         tracker.tags({"histobench.weights_hash": w})
 
         result, splits = evaluate_stage(spec, comps, manifest, features, reporter)
-        tracker.tags({"histobench.split_hash": splits.hash})
-        for i, fold_metrics in enumerate(result.per_fold):
-            with tracker.run(task.name, f"fold {i}", stage="fold", nested=True):
-                tracker.params({"fold": i, "split_hash": splits.hash})
-                tracker.metrics(fold_metrics)
-        summary_metrics = {}
-        for metric, s in result.summary.items():
-            for stat, value in s.items():
-                summary_metrics[f"{metric}_{stat}"] = value
-        seconds = time.perf_counter() - t0
-        summary_metrics["wall_seconds"] = seconds
-        summary_metrics["eval/slides_skipped"] = result.n_skipped
-        tracker.metrics(summary_metrics)
-        art = Path(spec.workdir) / "runs" / (run_id or "untracked")
-        art.mkdir(parents=True, exist_ok=True)
-        result.predictions.to_csv(art / "predictions.csv", index=False)
-        write_json({"spec": {k: str(v) for k, v in spec.__dict__.items()}, "resolved": comps.resolved()}, art / "config.json")
-        tracker.artifact(art / "predictions.csv")
-        tracker.artifact(art / "config.json")
-        tracker.artifact(Path(spec.workdir) / "splits" / f"{task.name}-{splits.hash}.csv", "splits")
+        log_evaluation(tracker, spec, comps, manifest, result, splits, features.root, run_id,
+                       extra_metrics={"wall_seconds": time.perf_counter() - t0})
     return RunResult(run_id, result.per_fold, result.summary, task.primary_metric, time.perf_counter() - t0, tracker.uri)

@@ -66,3 +66,6 @@ def reporter():
 
 def is_tty() -> bool:
     return sys.stdout.isatty()
+FailFastOpt = Annotated[bool, typer.Option("--fail-fast", help="Stop at the first unusable slide instead of skipping it.")]
+LeakyOpt = Annotated[bool, typer.Option("--allow-leaky-splits", help="Evaluate on a split where a patient sits on two sides (logged).")]
+SplitOpt = Annotated[Optional[str], typer.Option("--split", help="A published split preset of the task (e.g. hipt-10fold); default: the task's own patient-level folds.")]

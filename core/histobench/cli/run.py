@@ -8,19 +8,21 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from histobench.cli.common import (AggregatorOpt, DataRootOpt, DemoOpt, DeviceOpt, EncoderOpt, OptionsOpt, PretextOpt,
-                                   SeedOpt, TaskOpt, TrackingOpt, WorkdirOpt, console, handle_errors, reporter)
+from histobench.cli.common import (AggregatorOpt, DataRootOpt, DemoOpt, DeviceOpt, EncoderOpt, FailFastOpt, LeakyOpt,
+                                   OptionsOpt, PretextOpt, SeedOpt, SplitOpt, TaskOpt, TrackingOpt, WorkdirOpt, console,
+                                   handle_errors, reporter)
 
 DEFAULT_WORKDIR = Path("histobench-work")
 
 
-def _spec(task, pretext, encoder, aggregator, option, demo, seed, workdir, data_root, tracking_uri, device, track=True):
+def _spec(task, pretext, encoder, aggregator, option, demo, seed, workdir, data_root, tracking_uri, device, track=True,
+          **more):
     from histobench.options import parse_options
     from histobench.pipeline import RunSpec
 
     return RunSpec(task=task, pretext=pretext, encoder=encoder, aggregator=aggregator, options=parse_options(option),
                    demo=demo, seed=seed, workdir=workdir, data_root=data_root, tracking_uri=tracking_uri,
-                   track=track, device=device)
+                   track=track, device=device, **more)
 
 
 def print_result(per_fold, summary, primary: str, title: str) -> None:
@@ -50,6 +52,9 @@ def run_cmd(
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
     data_root: DataRootOpt = None,
     device: DeviceOpt = None,
+    split: SplitOpt = None,
+    fail_fast: FailFastOpt = False,
+    allow_leaky_splits: LeakyOpt = False,
 ) -> None:
     """Pretrain, extract, evaluate and log one pretext on one task.
 
@@ -57,7 +62,8 @@ def run_cmd(
     """
     from histobench.pipeline import run
 
-    spec = _spec(task, pretext, encoder, aggregator, option, demo, seed, workdir, data_root, tracking_uri, device)
+    spec = _spec(task, pretext, encoder, aggregator, option, demo, seed, workdir, data_root, tracking_uri, device,
+                 split=split, fail_fast=fail_fast, allow_leaky_splits=allow_leaky_splits)
     result = run(spec, reporter())
     print_result(result.per_fold, result.summary, result.primary_metric,
                  f"{task} · pretext {pretext} · {result.seconds:.0f} s")
@@ -137,24 +143,29 @@ def evaluate_cmd(
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
     data_root: DataRootOpt = None,
     no_track: Annotated[bool, typer.Option("--no-track", help="Do not log to MLflow.")] = False,
+    split: SplitOpt = None,
+    allow_leaky_splits: LeakyOpt = False,
 ) -> None:
     """Only evaluate: the task's protocol on a folder of per-slide feature files."""
     from histobench.features.cache import FeatureDir
-    from histobench.pipeline import evaluate_stage, load_cohort, resolve
+    from histobench.pipeline import evaluate_stage, load_cohort, log_evaluation, provenance, resolve
     from histobench.tracking import Tracker
 
-    spec = _spec(task, "none", "timm", aggregator, option, demo, seed, workdir, data_root, tracking_uri, None, track=not no_track)
+    spec = _spec(task, "none", "timm", aggregator, option, demo, seed, workdir, data_root, tracking_uri, None,
+                 track=not no_track, split=split, allow_leaky_splits=allow_leaky_splits)
     rep = reporter()
     comps = resolve(spec)
     feats = FeatureDir(features)
     manifest = load_cohort(spec, comps.task, rep)
     tracker = Tracker(tracking_uri, enabled=not no_track)
     with tracker.run(comps.task.name, f"features:{features.name}+{comps.aggregator.name}", stage="run") as run_id:
-        tracker.params({"run": {"pretext": f"features:{features.name}", "seed": seed, "demo": demo}, "features": str(features), "aggregator": comps.resolved()["aggregator"],
-                        "eval": comps.eval.model_dump(), "task": comps.resolved()["task"]})
+        resolved = comps.resolved()
+        tracker.params({"run": {"pretext": f"features:{features.name}", "seed": seed, "demo": demo},
+                        "features": str(features), **{k: resolved[k] for k in ("task", "aggregator", "eval")},
+                        "encoder": {"name": f"features:{features.name}"}})
+        tracker.tags({k: v for k, v in provenance(comps).items() if not k.startswith("histobench.plugin.encoder")})
         result, splits = evaluate_stage(spec, comps, manifest, feats, rep)
-        tracker.tags({"histobench.split_hash": splits.hash})
-        tracker.metrics({f"{m}_{k}": v for m, s in result.summary.items() for k, v in s.items()})
+        log_evaluation(tracker, spec, comps, manifest, result, splits, feats.root, run_id)
     print_result(result.per_fold, result.summary, comps.task.primary_metric, f"{task} · features {features}")
     if run_id:
         console.print(f"MLflow run [bold]{run_id}[/]")
