@@ -22,6 +22,15 @@ from histobench_mil.mean_linear import MeanLinear
 DIM = 16
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models on a shared machine: one intra-op thread is several times faster than contended ones."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def synthetic_bags(n_bags: int, seed: int, signal: float = 2.0, fraction: float = 0.2):
     """Gaussian tiles; in positive bags ``fraction`` of the tiles are shifted by ``signal`` on 4 dimensions."""
     rng = np.random.default_rng(seed)
@@ -154,7 +163,7 @@ def synthetic_cohort(n_patients: int = 60, seed: int = 0):
     return pd.DataFrame(rows), feats
 
 
-def test_evaluate_features_end_to_end():
+def test_evaluate_features_end_to_end(tmp_path):
     manifest, feats = synthetic_cohort()
     dropped = manifest["slide_id"].iloc[3]
     del feats[dropped]
@@ -182,6 +191,42 @@ def test_evaluate_features_end_to_end():
     assert 5 <= len(res.attention) <= 10
     sid, a = next(iter(res.attention.items()))
     assert a.shape == (len(feats[sid]),) and a.sum() == pytest.approx(1.0, abs=1e-5)
+    # plots: written under out_dir/plots and handed to the tracker (a disabled one logs nothing)
+    from histobench.evaluate.plots import log_evaluation_artifacts
+    from histobench.tracking import Tracker
+
+    written = log_evaluation_artifacts(Tracker(enabled=False), res, manifest, tmp_path)
+    assert sorted(p.name for p in written) == ["confusion.png", "roc.png"]
+    assert all(p.parent == tmp_path / "plots" and p.read_bytes()[:4] == b"\x89PNG" for p in written)
+
+
+def test_plots_roc_points_and_heatmap():
+    from sklearn.metrics import roc_curve
+
+    from histobench.evaluate.plots import _roc_points, plot_attention_heatmap, plot_confusion, plot_km, plot_roc
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    score = np.round(y + rng.normal(size=200), 1)  # with ties
+    fpr, tpr = _roc_points(y == 1, score)
+    ref_fpr, ref_tpr, _ = roc_curve(y, score, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, ref_fpr, atol=1e-12)
+    np.testing.assert_allclose(tpr, ref_tpr, atol=1e-12)
+    probs = np.stack([1 - 1 / (1 + np.exp(-score)), 1 / (1 + np.exp(-score))], 1)
+    fig = plot_roc(y, probs, ["LUAD", "LUSC"])
+    assert len(fig.axes[0].lines) == 2 and "AUC" in fig.axes[0].get_legend().get_texts()[0].get_text()
+    fig = plot_confusion(y, probs.argmax(1), ["LUAD", "LUSC"])
+    texts = sorted(int(t.get_text()) for t in fig.axes[0].texts)
+    assert sum(texts) == 200
+    t, e = rng.exponential(10, 50), rng.random(50) < 0.7
+    fig = plot_km(t, e, t < np.median(t))
+    assert "log-rank p" in fig.axes[0].get_title()
+    thumb = np.full((64, 96, 3), 230, dtype=np.uint8)  # thumbnail at downsample 16 of a 1536 x 1024 slide
+    coords = np.array([[0, 0], [256, 0], [512, 512]])
+    fig = plot_attention_heatmap(thumb, coords, np.array([0.1, 0.3, 0.6]), tile_size_level0=256, downsample=16)
+    heat = fig.axes[0].images[1].get_array()
+    assert heat.shape == (64, 96) and heat[0, 0] == 0.0 and heat[0, 16] == pytest.approx(0.4) and heat[32, 32] == 1.0
+    assert heat.mask[63, 95] and heat.mask[20, 0]  # no tile there
 
 
 def test_evaluate_features_mean_linear_grading_runs():

@@ -12,6 +12,15 @@ from histobench.evaluate.survival import (bin_index, discrete_time_nll, fit_cox,
                                           risk_from_logits, time_bins)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models on a shared machine: one intra-op thread is several times faster than contended ones."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def cohort(rng, n, beta=1.0):
     x = rng.normal(size=n)
     t = rng.exponential(20 * np.exp(-beta * x))  # hazard grows with x
@@ -103,3 +112,9 @@ def test_survival_protocol_finds_planted_signal():
     assert res.summary["logrank_p"]["pooled"] < 0.05
     assert {"time", "event", "risk", "cox_risk", "surv_0", "surv_3", "seed"} <= set(res.predictions.columns)
     assert len(res.predictions) == 2 * n
+    from histobench.evaluate.plots import evaluation_figures
+
+    figs = evaluation_figures(res)
+    assert sorted(figs) == ["km.png", "km_cox.png"]
+    title = figs["km.png"].axes[0].get_title()
+    assert f"{res.summary['logrank_p']['pooled']:.3g}" in title

@@ -59,6 +59,38 @@ def hardware() -> dict[str, str]:
     return info
 
 
+def _artifact_root(tracking_uri: str) -> str | None:
+    """Artifacts of a local SQLite store go to ``mlartifacts/`` next to the database file.
+
+    MLflow's own default is ``./mlruns`` in the current directory, which scatters artifacts over wherever
+    a command happened to be run. ``None`` for any other store (a server or a file store decides itself).
+    """
+    from urllib.parse import unquote
+
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = unquote(tracking_uri[len("sqlite:///"):].split("?", 1)[0])
+    if not db or db == ":memory:":
+        return None
+    return (Path(db).resolve().parent / "mlartifacts").as_uri()
+
+
+def _set_experiment(mlflow: Any, name: str) -> None:
+    """``mlflow.set_experiment(name)``, creating a new experiment with :func:`_artifact_root` as its root."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    if client.get_experiment_by_name(name) is None:
+        root = _artifact_root(mlflow.get_tracking_uri())
+        if root is not None:
+            try:
+                client.create_experiment(name, artifact_location=root)
+            except MlflowException:  # created meanwhile by another process
+                pass
+    mlflow.set_experiment(name)
+
+
 class Tracker:
     """Logs runs to MLflow. ``Tracker(enabled=False)`` logs nothing (for library use and tests)."""
 
@@ -85,7 +117,7 @@ class Tracker:
             return
         mlflow = self._mlflow
         if not nested:
-            mlflow.set_experiment(experiment)
+            _set_experiment(mlflow, experiment)
         run = mlflow.start_run(run_name=name, nested=nested, tags={PARENT_TAG: stage, **(tags or {})})
         try:
             yield run.info.run_id
@@ -191,7 +223,15 @@ def download_artifact(run_id: str, path: str, dst: Path, tracking_uri: str | Non
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     Path(dst).mkdir(parents=True, exist_ok=True)
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # a tqdm bar on stderr would garble CLI output
+    before = os.environ.get(key)
+    os.environ[key] = "false"
     try:
         return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst)))
     except (MlflowException, OSError):
         raise HistobenchError(f"run {run_id} has no artifact {path!r}") from None
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before

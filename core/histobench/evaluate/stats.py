@@ -29,6 +29,9 @@ from histobench.evaluate.metrics import METRICS
 SURVIVAL_RISKS = {"": "risk", "cox_": "cox_risk"}
 """Survival metric prefix -> the risk column it is computed on (``c_index`` vs ``cox_c_index``)."""
 
+SURVIVAL_METRICS = ("c_index", "c_index_uno")
+"""The metrics defined on ``(time, event)`` and a risk."""
+
 
 def _seed_col(pred: pd.DataFrame) -> pd.Series:
     return pred["seed"] if "seed" in pred.columns else pd.Series(0, index=pred.index)
@@ -39,11 +42,12 @@ def metric_on_rows(pred: pd.DataFrame, task_kind: str, metric: str, classes: lis
     if task_kind == "survival":
         for prefix, col in sorted(SURVIVAL_RISKS.items(), key=lambda kv: -len(kv[0])):
             base = metric[len(prefix):]
-            if metric.startswith(prefix) and base in METRICS:
+            if metric.startswith(prefix) and base in SURVIVAL_METRICS:
                 y = pred[["time", "event"]].to_numpy(dtype=np.float64)
                 return METRICS[base](y, pred[col].to_numpy(dtype=np.float64))
-        raise HistobenchError(f"unknown survival metric {metric!r}")
-    if metric not in METRICS:
+        names = [p + m for p in SURVIVAL_RISKS for m in SURVIVAL_METRICS]
+        raise HistobenchError(f"unknown survival metric {metric!r}; metrics: {', '.join(names)}")
+    if metric not in METRICS or metric in SURVIVAL_METRICS:
         raise HistobenchError(f"unknown metric {metric!r}; metrics: {', '.join(METRICS)}")
     cols = [f"prob_{c}" for c in classes] if classes else [c for c in pred.columns if c.startswith("prob_")]
     return METRICS[metric](pred["label"].to_numpy(), pred[cols].to_numpy(dtype=np.float64))
