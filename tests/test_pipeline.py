@@ -80,3 +80,45 @@ def test_rerun_reuses_cached_stages(demo_runs):
                            env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "0 slides extracted" in result.output
+
+
+def test_slpd_region_path_end_to_end(tmp_path):
+    """SLPD through the CLI: regions -> frozen patch grids -> SLPD on the one loop -> region bags -> folds."""
+    import h5py
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = ["--task", "tcga-nsclc", "--demo", "--workdir", str(tmp_path / "work"), "--tracking-uri", uri,
+              "-o", "task.demo_patients=8", "-o", "task.folds=2", "-o", "eval.epochs=5"]
+    result = runner.invoke(build_app(), ["run", "--pretext", "slpd", *common, "-o", "train.epochs=4"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "mean ± sd" in result.output
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("tcga-nsclc")
+    runs = client.search_runs([exp.experiment_id])
+    pre = next(r for r in runs if r.data.tags.get("histobench.stage") == "pretrain")
+    # clustering ran after the warm-up (demo warm_epoch 2 < 3 = the last epoch) and logged its diagnostics
+    eligible = [m.value for m in client.get_metric_history(pre.info.run_id, "epoch/eligible_slides")]
+    assert eligible and all(v >= 1 for v in eligible)
+    parent = next(r for r in runs if r.data.tags.get("histobench.stage") == "run")
+    assert parent.data.params["encoder.name"] == "hipt-vit4k" and parent.data.params["run.pretext"] == "slpd"
+    feature_dirs = list((tmp_path / "work" / "features").glob("hipt-vit4k*"))
+    assert len(feature_dirs) == 1
+    files = sorted(feature_dirs[0].glob("*.h5"))
+    assert files
+    with h5py.File(files[0]) as f:
+        assert f["features"].shape[1] == 64  # the demo region encoder's width
+        assert f["features"].shape[0] == f["coords"].shape[0] >= 1
+        assert f.attrs["tile_size"] == 8 * 64  # a region is 8 x 8 patches of 64 px
+    # the random-init region encoder baseline reuses the cached regions and patch grids
+    base = runner.invoke(build_app(), ["run", "--pretext", "none", "--encoder", "hipt-vit4k", *common], env={"COLUMNS": "200"})
+    assert base.exit_code == 0, base.output
+
+
+def test_pretext_and_encoder_kinds_must_match(tmp_path):
+    result = runner.invoke(build_app(), ["run", "--pretext", "slpd", "--encoder", "timm", "--task", "tcga-nsclc", "--demo",
+                                         "--workdir", str(tmp_path)], env={"COLUMNS": "300"})
+    assert result.exit_code == 2
+    assert "pretext 'slpd' needs region grids but encoder 'timm' takes pixels; try --encoder hipt-vit4k" in result.output

@@ -154,6 +154,7 @@ class Pretext(Component):
 
     kind = "pretext"
     requires: ClassVar[frozenset[str]] = frozenset({"tiles"})
+    default_encoder: ClassVar[str] = "timm"  # used when the user names no --encoder
     train_defaults: ClassVar[dict[str, Any]] = {}
     train_presets: ClassVar[dict[str, dict[str, Any]]] = {}
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from histobench.components import Aggregator, Encoder, Pretext, Task, TrainOptions
 from histobench.errors import HistobenchError
 from histobench.options import validate_model
@@ -29,7 +31,7 @@ class RunSpec:
 
     task: str
     pretext: str = NO_PRETEXT
-    encoder: str = "timm"
+    encoder: str | None = None  # None: the pretext's default encoder (timm for tile pretexts)
     aggregator: str | None = None
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     demo: bool = False
@@ -75,12 +77,18 @@ def resolve(spec: RunSpec) -> Components:
     preset = "demo" if spec.demo else None
     opts = spec.options
     task = create("task", spec.task, opts.get("task"), preset)
-    encoder = create("encoder", spec.encoder, opts.get("encoder"), preset)
     pretext = None
     train = None
     if spec.pretext != NO_PRETEXT:
         pretext = create("pretext", spec.pretext, opts.get("pretext"), preset)
+    encoder_name = spec.encoder or (type(pretext).default_encoder if pretext else "timm")
+    encoder = create("encoder", encoder_name, opts.get("encoder"), preset)
+    if pretext is not None:
         cls = type(pretext)
+        if ("regions" in cls.requires) != (encoder.input_kind == "grid"):
+            raise HistobenchError(
+                f"pretext {cls.name!r} needs {'region grids' if 'regions' in cls.requires else 'pixel tiles'} but "
+                f"encoder {encoder.name!r} takes {encoder.input_kind}; try --encoder {cls.default_encoder}")
         train = validate_model(TrainOptions, {**cls.train_defaults, **cls.train_presets.get(preset or "", {}),
                                               **opts.get("train", {})}, "train", "the training loop")
     elif opts.get("train") or opts.get("pretext"):
@@ -194,16 +202,22 @@ def _cap(slides, max_tiles: int, seed: int):
     return [SlideTiles(s.slide_id, s.path, select_tiles(s.tiles, max_tiles, seed), s.mpp) for s in slides]
 
 
-def pretrain_stage(spec: RunSpec, comps: Components, slides, reporter: Reporter, tracker=None):
-    """Train the pretext on the cohort's tiles; returns ``(encoder module, PretrainResult)``."""
+def pretrain_stage(spec: RunSpec, comps: Components, slides, reporter: Reporter, tracker=None, grids=None):
+    """Train the pretext on the cohort's tiles (or on region ``grids``: ``(GridDataset, key)``).
+
+    Returns ``(encoder module, PretrainResult, checkpoint folder)``.
+    """
     from histobench.pretrain.data import SlideTileDataset, cache_uint8
     from histobench.pretrain.trainer import pretrain
 
     train = comps.train
-    capped = _cap(slides, train.max_tiles_per_slide, spec.seed)
-    dataset = SlideTileDataset(capped)
-    data_key = _digest([(s.slide_id, s.tiles.key(), len(s.tiles)) for s in capped])
-    data = cache_uint8(dataset, Path(spec.workdir) / "tilecache" / f"{data_key}.npy", reporter, train.num_workers)
+    if grids is not None:
+        data, data_key = grids
+    else:
+        capped = _cap(slides, train.max_tiles_per_slide, spec.seed)
+        dataset = SlideTileDataset(capped)
+        data_key = _digest([(s.slide_id, s.tiles.key(), len(s.tiles)) for s in capped])
+        data = cache_uint8(dataset, Path(spec.workdir) / "tilecache" / f"{data_key}.npy", reporter, train.num_workers)
     resolved = comps.resolved()  # only what changes the encoder: not the aggregator or the evaluation policy
     fingerprint = _digest({k: resolved[k] for k in ("encoder", "pretext", "train")} | {"data": data_key, "seed": spec.seed})
     out_dir = Path(spec.workdir) / "pretrain" / f"{comps.pretext.name}-{fingerprint}"
@@ -215,19 +229,153 @@ def pretrain_stage(spec: RunSpec, comps: Components, slides, reporter: Reporter,
     return result.encoder, result, out_dir
 
 
-def extract_stage(spec: RunSpec, comps: Components, encoder, slides, reporter: Reporter, weights_tag: str):
+def extract_stage(spec: RunSpec, comps: Components, encoder, slides, reporter: Reporter, weights_tag: str,
+                  mpp: float | None = None, tile_size: int | None = None):
     """Encode every tile; returns ``(FeatureDir, ExtractResult, weights hash)``."""
     from histobench.features.cache import FeatureDir, cache_key, weights_hash
     from histobench.features.extract import extract_features
 
     o = comps.task.options
-    slides = _cap(slides, o.max_tiles_per_slide, 0)
+    if mpp is None:  # the task's tiles (patches of regions come with their own geometry and are never capped)
+        slides = _cap(slides, o.max_tiles_per_slide, 0)
     w = weights_hash(encoder)
     name = f"{comps.encoder.name}:{weights_tag}"
-    out = Path(spec.workdir) / "features" / cache_key(name, w, o.mpp, o.tile_size)
+    out = Path(spec.workdir) / "features" / cache_key(name, w, mpp or o.mpp, tile_size or o.tile_size)
     res = extract_features(encoder, comps.encoder.transform(), slides, out, encoder_name=name, weights=w,
                            device=spec.device, reporter=reporter, num_workers=0 if spec.demo else 2)
     return FeatureDir(out), res, w
+
+
+# ------------------------------------------------------------------------------------- region encoders
+
+
+def region_cohort(spec: RunSpec, comps: Components, manifest, reporter: Reporter, status=None):
+    """Regions of every slide for a hierarchical (``grid``) encoder, cached per slide: ``[SlideTiles]``
+    whose tiles are whole regions (``grid x grid`` patches of ``patch_px`` at ``patch_mpp``)."""
+    from histobench.cohorts.status import StatusTable, check_slide
+    from histobench.features.regions import region_tiles
+    from histobench.pretrain.data import SlideTiles
+    from histobench.slides.reader import open_slide
+    from histobench.slides.tiling import TileSet
+
+    status = status if status is not None else StatusTable()
+    o = comps.encoder.options
+    out_dir = Path(spec.workdir) / "regions" / f"mpp{o.patch_mpp:g}-px{o.patch_px}-g{o.grid_size}-t{o.min_tissue:g}"
+    regions = []
+    with reporter.stage("regions", total=len(manifest), unit="slides") as st:
+        for row in manifest.itertuples():
+            path = out_dir / f"{row.slide_id}.npz"
+            try:
+                if path.exists():
+                    tiles = TileSet.load(path)
+                else:
+                    reason = check_slide(row)
+                    if reason:
+                        _problem(spec, reporter, status, row.slide_id, "regions", reason)
+                        st.advance()
+                        continue
+                    with open_slide(row.path) as slide:
+                        tiles = region_tiles(slide, patch_mpp=o.patch_mpp, patch_px=o.patch_px, grid=o.grid_size,
+                                             min_tissue=o.min_tissue)
+                    tiles.save(path)
+            except HistobenchError as err:
+                _problem(spec, reporter, status, row.slide_id, "regions", str(err))
+                st.advance()
+                continue
+            if len(tiles):
+                regions.append(SlideTiles(row.slide_id, Path(row.path), tiles))
+            else:
+                _problem(spec, reporter, status, row.slide_id, "regions", "no tissue region")
+            st.advance()
+    status.save(Path(spec.workdir) / "status.csv")
+    if not regions:
+        raise HistobenchError(f"no slide of task {comps.task.name} has a tissue region ({status.summary()})")
+    n = sum(len(r.tiles) for r in regions)
+    reporter.info(f"regions: {n} from {len(regions)} slides, {o.grid_size}x{o.grid_size} patches of {o.patch_px} px "
+                  f"at {o.patch_mpp:g} µm/px")
+    return regions
+
+
+def patch_grids(spec: RunSpec, comps: Components, regions, reporter: Reporter, tracker=None):
+    """Embed every patch of every region with the frozen patch encoder; returns ``{slide_id: [R, D, g, g]}``.
+
+    The patch encoder is built from the region encoder's ``patch_encoder*`` options, optionally pretrained
+    first in the same run (``patch_pretext``, e.g. ``dino``) on the regions' patches.
+    """
+    import torch
+
+    from histobench.features.cache import read_features
+    from histobench.features.regions import patches_of, to_grids
+    from histobench.pretrain.data import SlideTiles
+
+    o = comps.encoder.options
+    preset = o.patch_encoder_preset
+    patch_enc = create("encoder", o.patch_encoder, o.patch_encoder_options, preset)
+    patches = [SlideTiles(r.slide_id, r.path, patches_of(r.tiles, o.grid_size, o.patch_px)) for r in regions]
+    if o.patch_pretext != NO_PRETEXT:
+        pre = create("pretext", o.patch_pretext, None, preset)
+        sub = Components(comps.task, patch_enc, pre, comps.aggregator, type(pre).train_options(preset), comps.eval)
+        with tracker.run(comps.task.name, f"pretrain patches {pre.name}", stage="pretrain", nested=True) if tracker else _null():
+            module, _, ckpt = pretrain_stage(spec, sub, patches, reporter, tracker)
+        tag = f"{pre.name}-{ckpt.name.rsplit('-', 1)[-1]}"
+    else:
+        torch.manual_seed(spec.seed)
+        module, tag = patch_enc.build(), patch_enc.weights_tag()
+    if module.embed_dim != o.in_dim:
+        raise HistobenchError(f"patch encoder {o.patch_encoder!r} gives {module.embed_dim}-d patches but encoder "
+                              f"{comps.encoder.name!r} expects in_dim={o.in_dim}; set -o encoder.in_dim={module.embed_dim}")
+    sub = Components(comps.task, patch_enc, None, comps.aggregator, None, comps.eval)
+    feats, _, _ = extract_stage(spec, sub, module, patches, reporter, tag, mpp=o.patch_mpp, tile_size=o.patch_px)
+    return {p.slide_id: to_grids(read_features(feats.path(p.slide_id))[0], o.grid_size) for p in patches}
+
+
+def grid_dataset(comps: Components, manifest, grids: dict):
+    """All regions of the cohort as one :class:`GridDataset` (slides contiguous), with slide labels."""
+    from histobench.features.regions import GridDataset
+
+    ids = list(grids)
+    labels = None
+    if comps.task.classes and "label" in manifest.columns:
+        index = {c: i for i, c in enumerate(comps.task.classes)}
+        by_slide = dict(zip(manifest["slide_id"], manifest["label"].astype(str)))
+        labels = np.array([index.get(by_slide.get(i), -1) for i in ids])
+    slide_index = np.concatenate([np.full(len(grids[i]), k) for k, i in enumerate(ids)])
+    return GridDataset(np.concatenate([grids[i] for i in ids]), slide_index, labels), _digest(
+        [(i, grids[i].shape, float(grids[i].sum())) for i in ids])
+
+
+def region_features(spec: RunSpec, comps: Components, encoder, regions, grids: dict, reporter: Reporter, weights_tag: str):
+    """Embed every region with the region encoder: one HDF5 file per slide (features ``[R, D]``, region coords)."""
+    import torch
+
+    from histobench import __version__
+    from histobench.features.cache import FeatureDir, cache_key, is_complete, weights_hash, write_features
+
+    o = comps.encoder.options
+    w = weights_hash(encoder)
+    name = f"{comps.encoder.name}:{weights_tag}"
+    out = Path(spec.workdir) / "features" / cache_key(name, w, o.patch_mpp, o.patch_px * o.grid_size)
+    dev = torch.device(spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    encoder = encoder.to(dev).eval()
+    with reporter.stage(f"extract {comps.encoder.name}", total=len(regions), unit="slides") as st, torch.inference_mode():
+        for r in regions:
+            attrs = {"encoder": name, "weights_hash": w, "mpp": o.patch_mpp, "tile_size": o.patch_px * o.grid_size}
+            path = out / f"{r.slide_id}.h5"
+            if not is_complete(path, attrs):
+                g = torch.as_tensor(grids[r.slide_id])
+                f = torch.cat([encoder(g[i:i + 256].to(dev)).float().cpu() for i in range(0, len(g), 256)])
+                write_features(path, f.numpy(), r.tiles.coords, {**attrs, "histobench_version": __version__,
+                                                                 "slide_id": r.slide_id})
+            st.advance()
+    return FeatureDir(out), w
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
 
 
 def evaluate_stage(spec: RunSpec, comps: Components, manifest, features, reporter: Reporter):
@@ -329,7 +477,12 @@ def run(spec: RunSpec, reporter: Reporter | None = None) -> RunResult:
         tracker.tags(provenance(comps))
         status = StatusTable()
         manifest = load_cohort(spec, task, reporter, status)
-        slides = tile_cohort(manifest, task, spec.workdir, reporter, spec, status)
+        hierarchical = comps.encoder.input_kind == "grid"
+        if hierarchical:  # regions as grids of frozen patch embeddings (HIPT, SLPD)
+            slides = region_cohort(spec, comps, manifest, reporter, status)
+            grids = patch_grids(spec, comps, slides, reporter, tracker)
+        else:
+            slides = tile_cohort(manifest, task, spec.workdir, reporter, spec, status)
         tracker.metrics({"cohort/slides": len(manifest), "cohort/patients": manifest["case_id"].nunique(),
                          "cohort/tiles": sum(len(s.tiles) for s in slides),
                          "cohort/slides_skipped": len(status.problems())})
@@ -338,7 +491,8 @@ def run(spec: RunSpec, reporter: Reporter | None = None) -> RunResult:
         if comps.pretext is not None:
             with tracker.run(task.name, f"pretrain {pretext_name}", stage="pretrain", nested=True):
                 tracker.params({"pretext": comps.resolved()["pretext"], "train": comps.train.model_dump()})
-                encoder, pre, ckpt_dir = pretrain_stage(spec, comps, slides, reporter, tracker)
+                encoder, pre, ckpt_dir = pretrain_stage(spec, comps, slides, reporter, tracker,
+                                                        grids=grid_dataset(comps, manifest, grids) if hierarchical else None)
                 tracker.metrics({"pretrain/images_per_second": pre.images_per_second, "pretrain/steps": pre.steps,
                                  "pretrain/final_loss": pre.history[-1]["loss"] if pre.history else float("nan")})
                 tracker.artifact(ckpt_dir / "encoder.pt", "encoder")
@@ -351,10 +505,13 @@ def run(spec: RunSpec, reporter: Reporter | None = None) -> RunResult:
             weights_tag = comps.encoder.weights_tag()
 
         with tracker.run(task.name, "extract", stage="extract", nested=True):
-            features, ext, w = extract_stage(spec, comps, encoder, slides, reporter, weights_tag)
+            if hierarchical:
+                features, w = region_features(spec, comps, encoder, slides, grids, reporter, weights_tag)
+            else:
+                features, ext, w = extract_stage(spec, comps, encoder, slides, reporter, weights_tag)
+                tracker.metrics({"extract/tiles_per_second": ext.tiles_per_second, "extract/tiles": ext.tiles,
+                                 "extract/slides_extracted": ext.extracted, "extract/slides_cached": ext.skipped})
             tracker.params({"encoder": comps.encoder.name, "weights_hash": w, "feature_dir": str(features.root)})
-            tracker.metrics({"extract/tiles_per_second": ext.tiles_per_second, "extract/tiles": ext.tiles,
-                             "extract/slides_extracted": ext.extracted, "extract/slides_cached": ext.skipped})
         tracker.tags({"histobench.weights_hash": w})
 
         result, splits = evaluate_stage(spec, comps, manifest, features, reporter)

@@ -42,7 +42,9 @@ class HIPTRegionEncoder(Encoder):
     presets = {
         # in_dim 96 = embed_dim of the timm encoder's demo preset (its features can feed this encoder);
         # the demo grids are 8x8 regions with 6x6 global crops, so the position embedding is learnt at 6x6.
-        "demo": {"in_dim": 96, "dim": 64, "depth": 2, "num_heads": 2, "grid_size": 8, "pos_grid": 6},
+        # Demo patches: 64 px at 0.25 µm/px, so an 8x8 region is 128 µm and a 512 µm demo slide holds up to 16.
+        "demo": {"in_dim": 96, "dim": 64, "depth": 2, "num_heads": 2, "grid_size": 8, "pos_grid": 6,
+                 "patch_encoder_preset": "demo", "patch_mpp": 0.25, "patch_px": 64},
     }
 
     class Options(StrictOptions):
@@ -55,6 +57,14 @@ class HIPTRegionEncoder(Encoder):
         pos_grid: int = Field(14, ge=1, description="Grid side the position embedding is learnt for (global crop: 14).")
         grid_size: int = Field(16, ge=1, description="Side of a full region grid (4096 px / 256 px = 16).")
         checkpoint: str | None = Field(None, description="Local state dict (e.g. an SLPD teacher backbone).")
+        # The frozen patch level of the hierarchy (HIPT's ViT-256): what turns pixels into the grids.
+        patch_encoder: str = Field("timm", description="Encoder (a registered name) that embeds each patch.")
+        patch_encoder_options: dict = Field(default_factory=dict, description="Options of the patch encoder (e.g. arch, pretrained, checkpoint).")
+        patch_encoder_preset: str | None = Field(None, description="Preset of the patch encoder's options (e.g. demo).")
+        patch_pretext: str = Field("none", description="Pretrain the patch encoder first in the same run with this pretext (e.g. dino), or none.")
+        patch_mpp: float = Field(0.5, gt=0, description="µm/px of the patches (HIPT: 0.5, i.e. 20x).")
+        patch_px: int = Field(256, ge=8, description="Patch side in pixels (HIPT: 256); a region is grid_size x grid_size patches.")
+        min_tissue: float = Field(0.25, ge=0, le=1, description="Minimum tissue fraction of a kept region.")
 
     def transform(self) -> InputTransform:
         """Grids are not pixels: ``size`` is the full region grid side; mean/std are unused (the patch encoder normalised)."""

@@ -50,6 +50,7 @@ class SLPD(Pretext):
 
     name = "slpd"
     requires = frozenset({"regions"})
+    default_encoder = "hipt-vit4k"
     train_defaults = {
         "epochs": 100,
         "batch_size": 512,

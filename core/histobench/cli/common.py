@@ -47,7 +47,7 @@ def _completer(kind: str):
 
 TaskOpt = Annotated[str, typer.Option("--task", "-t", help="Task name (histobench tasks list).", autocompletion=_completer("task"))]
 PretextOpt = Annotated[str, typer.Option("--pretext", "-p", help="Pretext name (histobench pretexts list), or 'none'.", autocompletion=_completer("pretext"))]
-EncoderOpt = Annotated[str, typer.Option("--encoder", "-e", help="Encoder name (histobench encoders list).", autocompletion=_completer("encoder"))]
+EncoderOpt = Annotated[Optional[str], typer.Option("--encoder", "-e", help="Encoder name (histobench encoders list); default: the pretext's (timm for tile pretexts).", autocompletion=_completer("encoder"))]
 AggregatorOpt = Annotated[Optional[str], typer.Option("--aggregator", "-a", help="Aggregator (default: the task's).", autocompletion=_completer("aggregator"))]
 OptionsOpt = Annotated[Optional[list[str]], typer.Option("--option", "-o", help="prefix.key=value, prefix one of encoder, pretext, aggregator, task, train, eval. Repeatable.")]
 DemoOpt = Annotated[bool, typer.Option("--demo", help="Use the task's synthetic stand-in cohort and CPU-sized presets.")]

@@ -43,7 +43,7 @@ def print_result(per_fold, summary, primary: str, title: str) -> None:
 def run_cmd(
     task: TaskOpt,
     pretext: PretextOpt = "none",
-    encoder: EncoderOpt = "timm",
+    encoder: EncoderOpt = None,
     aggregator: AggregatorOpt = None,
     option: OptionsOpt = None,
     demo: DemoOpt = False,
