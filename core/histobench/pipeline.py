@@ -142,51 +142,59 @@ def load_cohort(spec: RunSpec, task: Task, reporter: Reporter, status=None):
     return df.reset_index(drop=True)
 
 
-def tile_cohort(manifest, task: Task, workdir: Path, reporter: Reporter, spec: RunSpec | None = None, status=None):
-    """Tile every slide at the task's µm/px and size (cached per slide); returns ``[SlideTiles]``.
+def _tile_slides(spec: RunSpec, manifest, reporter: Reporter, status, stage: str, out_dir: Path, make, empty: str):
+    """Run ``make(slide) -> TileSet`` on every usable slide of the manifest, caching one ``.npz`` per slide.
 
     A slide that is missing, unreadable, truncated, without resolution or without tissue is recorded in the
     status table (``WORKDIR/status.csv``) and skipped; ``--fail-fast`` stops at the first one instead.
     """
-    from histobench.cohorts.status import StatusTable, check_slide
+    from histobench.cohorts.status import check_slide
     from histobench.pretrain.data import SlideTiles
     from histobench.slides.reader import open_slide
-    from histobench.slides.tiling import TileSet, tile_slide
+    from histobench.slides.tiling import TileSet
 
-    spec = spec or RunSpec(task=task.name, workdir=Path(workdir))
-    status = status if status is not None else StatusTable()
-    o = task.options
-    key = f"mpp{o.mpp:g}-px{o.tile_size}-t{o.min_tissue:g}"
-    out_dir = Path(workdir) / "tiles" / key
     slides = []
-    with reporter.stage(f"tile {task.name}", total=len(manifest), unit="slides") as st:
+    with reporter.stage(stage, total=len(manifest), unit="slides") as st:
         for row in manifest.itertuples():
             path = out_dir / f"{row.slide_id}.npz"
+            st.advance()
             try:
                 if path.exists():
                     tiles = TileSet.load(path)
                 else:
                     reason = check_slide(row)
                     if reason:
-                        _problem(spec, reporter, status, row.slide_id, "tile", reason)
-                        st.advance()
+                        _problem(spec, reporter, status, row.slide_id, stage, reason)
                         continue
                     with open_slide(row.path) as slide:
-                        tiles = tile_slide(slide, mpp=o.mpp, tile_size=o.tile_size, min_tissue=o.min_tissue)
+                        tiles = make(slide)
                     tiles.save(path)
             except HistobenchError as err:
-                _problem(spec, reporter, status, row.slide_id, "tile", str(err))
-                st.advance()
+                _problem(spec, reporter, status, row.slide_id, stage, str(err))
                 continue
             if len(tiles) == 0:
-                _problem(spec, reporter, status, row.slide_id, "tile", f"no tissue tiles at {o.mpp:g} µm/px")
+                _problem(spec, reporter, status, row.slide_id, stage, empty)
             else:
-                status.add(row.slide_id, "tile", "ok", f"{len(tiles)} tiles")
+                status.add(row.slide_id, stage, "ok", f"{len(tiles)} tiles")
                 slides.append(SlideTiles(row.slide_id, Path(row.path), tiles))
-            st.advance()
-    status.save(Path(workdir) / "status.csv")
+    status.save(Path(spec.workdir) / "status.csv")
     if not slides:
-        raise HistobenchError(f"no slide of task {task.name} has tissue tiles ({status.summary()})")
+        raise HistobenchError(f"no slide of the cohort has tissue ({status.summary()})")
+    return slides
+
+
+def tile_cohort(manifest, task: Task, workdir: Path, reporter: Reporter, spec: RunSpec | None = None, status=None):
+    """Tile every slide at the task's µm/px and size (cached per slide); returns ``[SlideTiles]``."""
+    from histobench.cohorts.status import StatusTable
+    from histobench.slides.tiling import tile_slide
+
+    spec = spec or RunSpec(task=task.name, workdir=Path(workdir))
+    status = status if status is not None else StatusTable()
+    o = task.options
+    out_dir = Path(workdir) / "tiles" / f"mpp{o.mpp:g}-px{o.tile_size}-t{o.min_tissue:g}"
+    slides = _tile_slides(spec, manifest, reporter, status, "tile", out_dir,
+                          lambda slide: tile_slide(slide, mpp=o.mpp, tile_size=o.tile_size, min_tissue=o.min_tissue),
+                          f"no tissue tiles at {o.mpp:g} µm/px")
     n = sum(len(s.tiles) for s in slides)
     skipped = len(manifest) - len(slides)
     reporter.info(f"tiles: {n} from {len(slides)} slides ({skipped} skipped) at {o.mpp:g} µm/px, {o.tile_size} px")
@@ -252,44 +260,16 @@ def extract_stage(spec: RunSpec, comps: Components, encoder, slides, reporter: R
 def region_cohort(spec: RunSpec, comps: Components, manifest, reporter: Reporter, status=None):
     """Regions of every slide for a hierarchical (``grid``) encoder, cached per slide: ``[SlideTiles]``
     whose tiles are whole regions (``grid x grid`` patches of ``patch_px`` at ``patch_mpp``)."""
-    from histobench.cohorts.status import StatusTable, check_slide
+    from histobench.cohorts.status import StatusTable
     from histobench.features.regions import region_tiles
-    from histobench.pretrain.data import SlideTiles
-    from histobench.slides.reader import open_slide
-    from histobench.slides.tiling import TileSet
 
     status = status if status is not None else StatusTable()
     o = comps.encoder.options
     out_dir = Path(spec.workdir) / "regions" / f"mpp{o.patch_mpp:g}-px{o.patch_px}-g{o.grid_size}-t{o.min_tissue:g}"
-    regions = []
-    with reporter.stage("regions", total=len(manifest), unit="slides") as st:
-        for row in manifest.itertuples():
-            path = out_dir / f"{row.slide_id}.npz"
-            try:
-                if path.exists():
-                    tiles = TileSet.load(path)
-                else:
-                    reason = check_slide(row)
-                    if reason:
-                        _problem(spec, reporter, status, row.slide_id, "regions", reason)
-                        st.advance()
-                        continue
-                    with open_slide(row.path) as slide:
-                        tiles = region_tiles(slide, patch_mpp=o.patch_mpp, patch_px=o.patch_px, grid=o.grid_size,
-                                             min_tissue=o.min_tissue)
-                    tiles.save(path)
-            except HistobenchError as err:
-                _problem(spec, reporter, status, row.slide_id, "regions", str(err))
-                st.advance()
-                continue
-            if len(tiles):
-                regions.append(SlideTiles(row.slide_id, Path(row.path), tiles))
-            else:
-                _problem(spec, reporter, status, row.slide_id, "regions", "no tissue region")
-            st.advance()
-    status.save(Path(spec.workdir) / "status.csv")
-    if not regions:
-        raise HistobenchError(f"no slide of task {comps.task.name} has a tissue region ({status.summary()})")
+    regions = _tile_slides(spec, manifest, reporter, status, "regions", out_dir,
+                           lambda slide: region_tiles(slide, patch_mpp=o.patch_mpp, patch_px=o.patch_px,
+                                                      grid=o.grid_size, min_tissue=o.min_tissue),
+                           "no tissue region")
     n = sum(len(r.tiles) for r in regions)
     reporter.info(f"regions: {n} from {len(regions)} slides, {o.grid_size}x{o.grid_size} patches of {o.patch_px} px "
                   f"at {o.patch_mpp:g} µm/px")
