@@ -1,12 +1,18 @@
 """Feature extraction: tiles -> encoder -> one HDF5 file per slide.
 
-Tiles are decoded in DataLoader workers, moved to the device as uint8, resized and normalised there, and
-encoded in batches under bf16 autocast on CUDA. Slides whose file is already complete (same encoder,
-weights hash, µm/px and tile size) are skipped; under ``torchrun`` slides are sharded across ranks.
+Tiles are decoded in DataLoader workers (each with its own slide handles), collated as uint8 into pinned
+memory, moved to the device, resized and normalised there, and encoded in batches under bf16 autocast on
+CUDA. On CUDA the loop runs one batch ahead: batch k+1 is copied on a side stream and its forward is queued
+before the features of batch k are read back, so the device never waits for the host between batches.
+Each slide's features ``[N, D]`` are written to ``<slide_id>.h5`` atomically as soon as its last tile is
+encoded; only the current slide's features are held in memory. Slides whose file is already complete (same
+encoder, weights hash, µm/px and tile size) are skipped; under ``torchrun`` slide ``i`` goes to rank
+``i % world`` and each rank writes only its own slides.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -51,20 +57,29 @@ def extract_features(
     encoder_name: str,
     weights: str,
     batch_size: int = 256,
-    num_workers: int = 2,
+    num_workers: int | None = None,
     device: str | None = None,
     reporter: Reporter | None = None,
 ) -> ExtractResult:
-    """Encode every tile of ``slides`` into ``out_dir/<slide_id>.h5``."""
+    """Encode every tile of ``slides`` into ``out_dir/<slide_id>.h5``.
+
+    ``num_workers`` tile-decoding processes; ``None`` picks the CPU cores of this rank's share of the
+    machine less one (at most 16): decoding, not the model, usually sets the pace.
+    """
     import time
 
     import torch
     import torch.distributed as dist
 
+    from histobench.pretrain.trainer import init_distributed
+
     reporter = reporter or Reporter()
+    rank, world = init_distributed()  # under torchrun: join the group (and pick this rank's GPU) if not yet done
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     encoder = encoder.to(dev).eval()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    if num_workers is None:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        num_workers = max(1, min(16, (os.cpu_count() or 2) // max(local_world, 1) - 1))
     use_bf16 = dev.type == "cuda"
     out_dir = Path(out_dir)
     paths: dict[str, Path] = {}
@@ -84,34 +99,66 @@ def extract_features(
     def flush(slide: SlideTiles, chunks: list[np.ndarray]) -> None:
         dim = getattr(encoder, "embed_dim", 0)
         features = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
-        write_features(paths[slide.slide_id], features, slide.tiles.coords, {
-            "encoder": encoder_name, "weights_hash": weights, "mpp": slide.tiles.mpp,
-            "tile_size": slide.tiles.tile_size, "histobench_version": __version__, "slide_id": slide.slide_id,
-        })
+        path = paths[slide.slide_id]
+        try:
+            write_features(path, features, slide.tiles.coords, {
+                "encoder": encoder_name, "weights_hash": weights, "mpp": slide.tiles.mpp,
+                "tile_size": slide.tiles.tile_size, "histobench_version": __version__, "slide_id": slide.slide_id,
+            })
+        except BaseException:
+            path.with_name(path.name + ".tmp").unlink(missing_ok=True)  # write_features' temporary name
+            raise
 
     # One loader over every tile of every slide to do, in order: workers stay busy across slide boundaries,
     # and a slide's file is written as soon as its last tile is encoded.
-    dataset = SlideTileDataset(todo)
+    dataset = SlideTileDataset(todo, max_open=2)
+    cuda = dev.type == "cuda"
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
-                                         pin_memory=dev.type == "cuda",
-                                         prefetch_factor=4 if num_workers else None)
-    current, chunks = 0, []
+                                         pin_memory=cuda, prefetch_factor=4 if num_workers else None,
+                                         persistent_workers=False)
+    copy_stream = torch.cuda.Stream(dev) if cuda else None
+    state = {"current": 0, "chunks": []}
+
+    def consume(f, ready, slide_idx: np.ndarray) -> None:
+        if ready is not None:
+            ready.synchronize()
+        f = f.numpy()
+        for s_i in np.unique(slide_idx):
+            while state["current"] < s_i:  # slides before s_i are complete (slides without tiles are written empty)
+                flush(todo[state["current"]], state["chunks"])
+                state["current"], state["chunks"] = state["current"] + 1, []
+            state["chunks"].append(f[slide_idx == s_i])
+
+    pending = None
     with reporter.stage(f"extract {encoder_name}", total=n_tiles, unit="tiles") as st, torch.inference_mode():
         for images, slide_idx, _ in loader:
-            x = prepare_pixels(images.to(dev, non_blocking=True), transform)
+            if cuda:
+                with torch.cuda.stream(copy_stream):
+                    x = images.to(dev, non_blocking=True)
+                torch.cuda.current_stream(dev).wait_stream(copy_stream)
+                x.record_stream(torch.cuda.current_stream(dev))
+            else:
+                x = images
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-                f = encoder(x).float().cpu().numpy()
-            slide_idx = slide_idx.numpy()
-            for s_i in np.unique(slide_idx):
-                while current < s_i:  # slides before s_i are complete (slides without tiles are written empty)
-                    flush(todo[current], chunks)
-                    current, chunks = current + 1, []
-                chunks.append(f[slide_idx == s_i])
-            st.advance(len(images))
+                f = encoder(prepare_pixels(x, transform))
+            f = f.float()
+            if cuda:
+                f = f.to("cpu", non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record()
+            else:
+                ready = None
+            if pending is not None:
+                consume(*pending)
+                st.advance(len(pending[2]))
+            pending = (f, ready, slide_idx.numpy())
             done_tiles += len(images)
-        while current < len(todo):
-            flush(todo[current], chunks)
-            current, chunks = current + 1, []
+        if pending is not None:
+            consume(*pending)
+            st.advance(len(pending[2]))
+        while state["current"] < len(todo):
+            flush(todo[state["current"]], state["chunks"])
+            state["current"], state["chunks"] = state["current"] + 1, []
     if world > 1:
         dist.barrier()
     rate = done_tiles / max(time.perf_counter() - t0, 1e-9)

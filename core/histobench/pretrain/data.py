@@ -9,6 +9,7 @@ index and the tile index; augmentation and normalisation happen on the training 
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -35,14 +36,20 @@ def _import_torch():
 
 
 class SlideTileDataset:
-    """All tiles of several slides, decoded on demand (a ``torch.utils.data.Dataset``)."""
+    """All tiles of several slides, decoded on demand (a ``torch.utils.data.Dataset``).
 
-    def __init__(self, slides: Sequence[SlideTiles]):
+    Each process (each DataLoader worker) opens its own slide handles and keeps at most ``max_open`` of
+    them (least recently used closed first), so that memory does not grow with the number of slides;
+    extraction reads slides in order and needs two.
+    """
+
+    def __init__(self, slides: Sequence[SlideTiles], max_open: int = 32):
         self.slides = list(slides)
+        self.max_open = max(1, int(max_open))
         counts = [len(s.tiles) for s in self.slides]
         self.slide_index = np.repeat(np.arange(len(self.slides)), counts).astype(np.int64)
         self.tile_index = np.concatenate([np.arange(c) for c in counts]).astype(np.int64) if counts else np.zeros(0, np.int64)
-        self._handles: dict[int, object] = {}
+        self._handles: OrderedDict[int, object] = OrderedDict()
         self._pid = os.getpid()
 
     def __len__(self) -> int:
@@ -52,8 +59,15 @@ class SlideTileDataset:
         from histobench.slides.reader import open_slide
 
         if self._pid != os.getpid():  # forked into a worker: never share a handle across processes
-            self._handles, self._pid = {}, os.getpid()
-        if i not in self._handles:
+            self._handles, self._pid = OrderedDict(), os.getpid()
+        if i in self._handles:
+            self._handles.move_to_end(i)
+        else:
+            while len(self._handles) >= self.max_open:
+                _, old = self._handles.popitem(last=False)
+                close = getattr(old, "close", None)
+                if close is not None:
+                    close()
             s = self.slides[i]
             self._handles[i] = open_slide(s.path, mpp=s.mpp)
         return self._handles[i]
@@ -72,7 +86,7 @@ class SlideTileDataset:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_handles"] = {}
+        state["_handles"] = OrderedDict()
         return state
 
 

@@ -5,6 +5,21 @@ sequence exactly), device placement, bf16 autocast on CUDA, optional ``torch.com
 CUDA) with per-step cosine learning-rate and weight-decay schedules, gradient clipping, checkpoints with
 resume, a stop on a non-finite loss that keeps the last good checkpoint, throughput and memory logging,
 and data parallelism under ``torchrun`` (gradients averaged over ranks with ``torch.distributed``).
+
+One step synchronises the host with the device once: after backward, the step's scalars (loss and whatever
+the pretext logs) are copied to the host in one transfer; a non-finite loss stops training there, before the
+optimizer touches the weights, so the checkpoint on disk is the last good one.
+
+Data parallelism does not use :class:`torch.nn.parallel.DistributedDataParallel`. DDP installs its
+gradient hooks in the wrapper's ``forward``, and here the pretext owns its modules and calls them itself
+(DINO's ``student.forward_views``, SLPD's region heads, a teacher that is not trained): the trainer would
+have to swap DDP wrappers into every pretext's attributes and every pretext would have to call
+``forward``. Instead, after backward, the trainer averages all gradients in one coalesced all-reduce
+(one flat buffer, so one collective per step, plus the step's loss so that every rank sees the same
+loss and stops together on a non-finite one). Ranks start from identical weights: the pretext's state is
+broadcast from rank 0 after ``setup`` and after a resume. What DDP adds over this is overlapping the
+all-reduce with backward; for a ViT-S/DINO step (about 22M trained encoder parameters plus the head) the
+one all-reduce is a small part of the step on NVLink.
 """
 
 from __future__ import annotations
@@ -86,22 +101,56 @@ def _param_groups(modules: dict[str, Any]):
     return [{"params": decay, "apply_wd": True}, {"params": no_decay, "weight_decay": 0.0, "apply_wd": False}]
 
 
-def _average_gradients(params: list) -> None:
+def _average_gradients(params: list, loss):
+    """Average the gradients of ``params`` and ``loss`` over ranks in one all-reduce; returns the mean loss.
+
+    Parameters without a gradient on this rank take part with zeros (so the buffer has the same layout on
+    every rank) and keep ``grad=None`` afterwards unless another rank had a gradient for them.
+    """
+    dist = _dist()
+    if dist is None:
+        return loss
+    import torch
+
+    world = dist.get_world_size()
+    parts = [loss.detach().float().reshape(1)]
+    for p in params:
+        parts.append(p.grad.reshape(-1).float() if p.grad is not None else torch.zeros(p.numel(), device=loss.device))
+    flat = torch.cat(parts)
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 1
+    for p in params:
+        n = p.numel()
+        chunk = flat[offset:offset + n].view_as(p)
+        if p.grad is not None:
+            p.grad.copy_(chunk)
+        elif chunk.any():
+            p.grad = chunk.to(p.dtype).clone()
+        offset += n
+    return flat[0]
+
+
+def _broadcast_state(obj: Any) -> None:
+    """Broadcast every tensor of a (nested) state dict from rank 0 in place: all ranks start identical."""
     dist = _dist()
     if dist is None:
         return
     import torch
 
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    if isinstance(obj, torch.Tensor):
+        dist.broadcast(obj.data if obj.requires_grad else obj, src=0)
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            _broadcast_state(obj[k])
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _broadcast_state(v)
+
+
+def _oom_message(opts: TrainOptions, where: str) -> str:
+    return (f"CUDA ran out of memory in the {where} at train.batch_size={opts.batch_size}; lower it, "
+            f"e.g. -o train.batch_size={max(opts.batch_size // 2, 1)}")
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
@@ -155,7 +204,8 @@ def pretrain(
     torch.manual_seed(seed)
     encoder = encoder_component.build().to(dev)
     if opts.compile:
-        encoder = torch.compile(encoder)
+        # In place (nn.Module.compile): state-dict keys, attributes and deep copies (a teacher) stay as they are.
+        encoder.compile()
     ctx = PretrainContext(device=dev, total_steps=total, steps_per_epoch=steps_per_epoch, epochs=opts.epochs,
                           batch_size=opts.batch_size, encoder_component=encoder_component, seed=seed,
                           world_size=world, rank=rank)
@@ -186,6 +236,7 @@ def pretrain(
             reporter.info(f"resuming pretraining from step {start}/{total} ({ckpt_path})")
         else:
             reporter.warn(f"ignoring checkpoint {ckpt_path}: it was made for a different schedule")
+    _broadcast_state(pretext.state_dict())
 
     def save(step: int) -> None:
         if rank == 0:
@@ -195,8 +246,10 @@ def pretrain(
     stop = total if max_steps is None else min(total, max_steps)
     step = start
     images_seen, t_start = 0, time.perf_counter()
-    with reporter.stage(f"pretrain {pretext.name}", total=total * opts.batch_size, unit="img") as st:
-        st.done = start * opts.batch_size
+    done_note = f" (from step {start})" if start else ""
+    # The bar counts the images of this session only, so that its rate and ETA are right after a resume.
+    with reporter.stage(f"pretrain {pretext.name}{done_note}", total=max(stop - start, 0) * opts.batch_size,
+                        unit="img") as st:
         epoch = start // steps_per_epoch
         while step < stop:
             diag = pretext.on_epoch_start(epoch, dataset)
@@ -223,32 +276,36 @@ def pretrain(
                     "slide_index": slide_idx.to(dev, non_blocking=True),
                     "tile_index": tile_idx.to(dev, non_blocking=True),
                 }
+                where = "forward pass"
                 try:
                     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
                         out = pretext.training_step(batch, step)
+                    where = "backward pass"
+                    optimizer.zero_grad(set_to_none=True)
+                    out["loss"].backward()
+                    mean_loss = _average_gradients(params, out["loss"])
+                    # One host sync per step: every scalar to log, and the loss the stop decision uses.
+                    keys, values = _scalar_tensors(out)
+                    host = torch.stack([mean_loss.detach().float().reshape(())] + values).cpu().tolist()
+                    loss_value, logged = host[0], dict(zip(keys, host[1:]))
+                    logged.update(_plain_scalars(out))
+                    logged["loss"] = loss_value
+                    if not np.isfinite(loss_value):
+                        kept = f"the last good checkpoint is kept at {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
+                        raise NonFiniteLossError(
+                            f"non-finite loss ({loss_value}) at step {step} (epoch {epoch}) of pretext {pretext.name!r}; "
+                            f"{kept}; try a lower train.lr"
+                        )
+                    where = "optimizer step"
+                    if opts.clip_grad > 0:
+                        torch.nn.utils.clip_grad_norm_(params, opts.clip_grad)
+                    pretext.before_optimizer_step(step)
+                    optimizer.step()
+                    pretext.after_optimizer_step(step)
                 except torch.cuda.OutOfMemoryError:
-                    raise HistobenchError(
-                        f"CUDA ran out of memory at train.batch_size={opts.batch_size}; lower it, "
-                        f"e.g. -o train.batch_size={max(opts.batch_size // 2, 1)}"
-                    ) from None
-                loss = out["loss"]
-                if not torch.isfinite(loss).all():
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({loss.item()}) at step {step} (epoch {epoch}) of pretext {pretext.name!r}; "
-                        f"the last good checkpoint is kept at {ckpt_path if ckpt_path.exists() else '(none yet)'}; "
-                        f"try a lower train.lr"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                _average_gradients(params)
-                if opts.clip_grad > 0:
-                    torch.nn.utils.clip_grad_norm_(params, opts.clip_grad)
-                pretext.before_optimizer_step(step)
-                optimizer.step()
-                pretext.after_optimizer_step(step)
+                    raise HistobenchError(_oom_message(opts, where)) from None
                 step += 1
                 images_seen += len(images) * world
-                logged = _scalars(out)
                 logged["lr"] = float(lr_sched[step - 1])
                 logged["weight_decay"] = float(wd_sched[step - 1])
                 epoch_losses.append(logged["loss"])
@@ -256,7 +313,11 @@ def pretrain(
                 st.advance(len(images) * world)
                 st.set(loss=logged["loss"], epoch=epoch)
                 if tracker is not None and (step % 10 == 0 or step == stop):
-                    tracker.metrics({f"train/{k}": v for k, v in logged.items()}, step=step - 1)
+                    m = {f"train/{k}": v for k, v in logged.items()}
+                    m["train/images_per_second"] = images_seen / max(time.perf_counter() - t_start, 1e-9)
+                    if dev.type == "cuda":
+                        m["train/max_memory_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
+                    tracker.metrics(m, step=step - 1)
                 if opts.checkpoint_every and step % opts.checkpoint_every == 0:
                     save(step)
             if step % steps_per_epoch == 0 or step == stop:
@@ -268,18 +329,24 @@ def pretrain(
                     m["epoch/max_memory_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
                 tracker.metrics(m, step=epoch)
             epoch += 1
+    dist = _dist()
+    if dist is not None:
+        dist.barrier()  # rank 0's last checkpoint is on disk before any rank returns
     ips = images_seen / max(time.perf_counter() - t_start, 1e-9)
     return PretrainResult(encoder=pretext.trained_encoder(), checkpoint=ckpt_path if ckpt_path.exists() else None,
                           steps=step, history=history, images_per_second=ips, resumed_from=start)
 
 
-def _scalars(out: dict[str, Any]) -> dict[str, float]:
-    """The scalar entries of a ``training_step`` result, as floats."""
-    logged = {}
+def _scalar_tensors(out: dict[str, Any]) -> tuple[list[str], list[Any]]:
+    """The one-element tensors of a ``training_step`` result other than ``loss``, as 0-d float tensors."""
+    keys, values = [], []
     for k, v in out.items():
-        if hasattr(v, "detach"):
-            if v.numel() == 1:
-                logged[k] = float(v.detach().float())
-        elif isinstance(v, (int, float)):
-            logged[k] = float(v)
-    return logged
+        if k != "loss" and hasattr(v, "detach") and v.numel() == 1:
+            keys.append(k)
+            values.append(v.detach().float().reshape(()).to(out["loss"].device))
+    return keys, values
+
+
+def _plain_scalars(out: dict[str, Any]) -> dict[str, float]:
+    """The Python-number entries of a ``training_step`` result, as floats."""
+    return {k: float(v) for k, v in out.items() if k != "loss" and isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -1,0 +1,174 @@
+"""Pretraining speed: DINO through histobench's trainer vs the bare model step.
+
+Both sides train the same modules: the DINO pretext's student (timm ViT-S/16 with stochastic depth 0.1 and
+the paper's 65536-prototype head), its EMA teacher and its loss, with bf16 autocast on CUDA, fused AdamW,
+gradient clipping 3.0 and the EMA update, at the same batch size and crops (2 x 224 + 8 x 96).
+
+* histobench: ``histobench.pretrain.trainer.pretrain`` on uint8 tiles held in memory
+  (``SyntheticTileDataset``), so it includes the DataLoader, the host-to-device copy, the multi-crop views
+  and augmentation made on the device, the schedules, the per-step host sync and logging.
+* bare: a minimal loop over the same pretext's modules with views that are random float tensors already
+  on the device (made once), no data loading, no augmentation, no host sync.
+
+Throughput is images per second over ``--steps`` steps after ``--warmup`` steps (the trainer's steps are
+timed from its progress callbacks). The target ratio histobench / bare is >= 0.9 on a GPU.
+
+    python benchmarks/pretrain_speed.py --device cuda                 # ViT-S/16, batch 256 -> results/pretrain_speed.json
+    python benchmarks/pretrain_speed.py --quick --device cpu --out /tmp/pretrain_speed_cpu_quick.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import finish, resolve_device, synchronize  # noqa: E402
+
+
+def _components(a):
+    from histobench.registry import create
+
+    if a.quick:
+        dino = {"out_dim": 1024, "hidden_dim": 128, "bottleneck_dim": 32, "n_local_crops": 2,
+                "global_crop_size": 32, "local_crop_size": 16}
+        enc = {"arch": "vit_small_patch16_224", "img_size": 32,
+               "model_kwargs": {"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}}
+    else:
+        dino = {"n_local_crops": a.local_crops, "global_crop_size": 224, "local_crop_size": 96}
+        enc = {"arch": a.arch, "img_size": 224}
+    dino["freeze_last_layer_epochs"] = 0  # both sides update every parameter at every step
+    return create("pretext", "dino", dino), create("encoder", "timm", enc)
+
+
+def bare_throughput(a, device) -> dict:
+    """Images/s of the bare DINO step on random views already on the device."""
+    import torch
+
+    from histobench.components import PretrainContext
+    from histobench.pretrain.trainer import _param_groups
+
+    pre, enc = _components(a)
+    torch.manual_seed(0)
+    encoder = enc.build().to(device)
+    if a.compile:
+        encoder.compile()
+    total = a.warmup + a.steps
+    pre.setup(encoder, PretrainContext(device=device, total_steps=total, steps_per_epoch=total, epochs=1,
+                                       batch_size=a.batch_size, encoder_component=enc))
+    o = pre.options
+    sizes = [o.global_crop_size] * 2 + [o.local_crop_size] * o.n_local_crops
+    g = torch.Generator(device=device).manual_seed(0)
+    views = [torch.randn(a.batch_size, 3, s, s, device=device, generator=g) for s in sizes]
+    groups = _param_groups(pre.student_modules())
+    params = [p for grp in groups for p in grp["params"]]
+    opt = torch.optim.AdamW([{k: v for k, v in grp.items() if k != "apply_wd"} for grp in groups], lr=1e-4,
+                            fused=device.type == "cuda")
+    bf16 = device.type == "cuda"
+    teacher_params = list(pre.teacher.parameters())
+    student_params = list(pre.student.parameters())
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.no_grad():
+                t_out = pre.teacher.forward_views(views[:2])
+            s_out = pre.student.forward_views(views)
+            loss, _ = pre.loss(s_out, t_out, o.teacher_temp)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 3.0)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(teacher_params, [p.detach() for p in student_params], 1.0 - 0.996)
+
+    for _ in range(a.warmup):
+        step()
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(a.steps):
+        step()
+    synchronize(device)
+    dt = time.perf_counter() - t0
+    out = {"images_per_second": a.batch_size * a.steps / dt, "seconds_per_step": dt / a.steps}
+    if device.type == "cuda":
+        out["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    del pre, opt, views
+    return out
+
+
+def histobench_throughput(a, device) -> dict:
+    """Images/s of the same DINO step through ``pretrain`` on uint8 tiles in memory."""
+    import torch
+
+    from histobench.pretrain.data import SyntheticTileDataset
+    from histobench.pretrain.trainer import pretrain
+    from histobench.reporting import Reporter
+
+    class Clock(Reporter):
+        def __init__(self):
+            super().__init__()
+            self.ticks = []
+
+        def _advance(self, stage, n):
+            self.ticks.append(time.perf_counter())
+
+    pre, enc = _components(a)
+    total = a.warmup + a.steps
+    tile = 32 if a.quick else a.tile
+    data = SyntheticTileDataset(a.batch_size * total, tile, seed=0)
+    opts = type(pre).train_options(None, epochs=1, batch_size=a.batch_size, num_workers=a.workers,
+                                   steps_per_epoch=total, warmup_epochs=0, checkpoint_every=0,
+                                   compile=a.compile, precision="bf16" if device.type == "cuda" else "fp32")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    clock = Clock()
+    with tempfile.TemporaryDirectory() as tmp:
+        pretrain(pre, enc, data, opts, out_dir=Path(tmp), seed=0, device=str(device), reporter=clock, resume=False)
+    ticks = clock.ticks[a.warmup - 1:] if a.warmup else clock.ticks
+    dt = ticks[-1] - ticks[0]
+    n_steps = len(ticks) - 1
+    out = {"images_per_second": a.batch_size * n_steps / dt, "seconds_per_step": dt / n_steps, "timed_steps": n_steps}
+    if device.type == "cuda":
+        out["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--quick", action="store_true", help="Tiny model and crops: a CPU smoke run of the script.")
+    ap.add_argument("--arch", default="vit_small_patch16_224")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--local-crops", type=int, default=8)
+    ap.add_argument("--tile", type=int, default=224, help="Side of the in-memory uint8 tiles (histobench side).")
+    ap.add_argument("--workers", type=int, default=4, help="DataLoader workers of the trainer.")
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the encoder on both sides.")
+    ap.add_argument("--out", type=Path, default=Path("results/pretrain_speed.json"))
+    a = ap.parse_args()
+    if a.quick:
+        a.batch_size, a.warmup, a.steps, a.workers = min(a.batch_size, 8), min(a.warmup, 2), min(a.steps, 4), 0
+    device = resolve_device(a.device)
+
+    bare = bare_throughput(a, device)
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+    hb = histobench_throughput(a, device)
+    setting = {"arch": "demo-vit (quick)" if a.quick else a.arch, "batch_size": a.batch_size,
+               "crops": "2x32 + 2x16 (quick)" if a.quick else f"2x224 + {a.local_crops}x96",
+               "precision": "bf16 autocast" if device.type == "cuda" else "fp32 (cpu)", "compile": a.compile,
+               "warmup_steps": a.warmup, "timed_steps": a.steps, "trainer_workers": a.workers, "tile": 32 if a.quick else a.tile,
+               "quick": a.quick}
+    finish({"benchmark": "pretrain_speed", "setting": setting, "bare": bare, "histobench": hb,
+            "ratio": hb["images_per_second"] / bare["images_per_second"], "target_ratio": 0.9}, device, a.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Data parallelism under ``torchrun``: two gloo ranks on the CPU.
+
+One ``torch.distributed.run --nproc_per_node=2`` launch (shared by the tests of this module) pretrains DINO
+(demo preset) on synthetic tiles, then extracts features of three synthetic slides; each rank writes what
+it saw and what it trained to ``rank<r>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BATCH, STEPS = 8, 3
+
+SCRIPT = textwrap.dedent('''
+    import json, os, sys
+    from pathlib import Path
+
+    import torch
+
+    torch.set_num_threads(1)
+    from histobench.features.cache import weights_hash
+    from histobench.features.extract import extract_features
+    from histobench.pretrain import trainer
+    from histobench.pretrain.data import SlideTiles, SyntheticTileDataset
+    from histobench.registry import create
+    from histobench.slides.reader import open_slide
+    from histobench.slides.tiling import tile_slide
+
+    out = Path(sys.argv[1])
+    BATCH, STEPS = int(sys.argv[2]), int(sys.argv[3])
+
+    class Recording(SyntheticTileDataset):
+        seen = []
+
+        def __getitem__(self, idx):
+            Recording.seen.append(int(idx))
+            return super().__getitem__(idx)
+
+    saves = []
+    _save = trainer._save_atomic
+    trainer._save_atomic = lambda obj, path: (saves.append(str(path)), _save(obj, path))[1]
+
+    rank, world = trainer.init_distributed()
+    pre = create("pretext", "dino", None, preset="demo")
+    enc = create("encoder", "timm", None, preset="demo")
+    opts = type(pre).train_options("demo", epochs=1, batch_size=BATCH, num_workers=0, steps_per_epoch=STEPS,
+                                   warmup_epochs=0, checkpoint_every=1)
+    data = Recording(BATCH * STEPS, 64, seed=0)
+    res = trainer.pretrain(pre, enc, data, opts, out_dir=out / "pretrain", seed=0, device="cpu")
+    student = {k: v for k, v in pre.student.state_dict().items()}
+
+    slides = []
+    for p in sorted((out / "slides").glob("*.tiff")):
+        s = open_slide(p)
+        slides.append(SlideTiles(p.stem, p, tile_slide(s, mpp=1.0, tile_size=64, min_tissue=0.0)))
+    before = {p.name for p in (out / "features").glob("*.h5")} if (out / "features").exists() else set()
+    ex = extract_features(res.encoder, enc.transform(), slides, out / "features", encoder_name="timm-demo",
+                          weights=weights_hash(res.encoder), batch_size=16, num_workers=0, device="cpu")
+    json.dump({
+        "rank": rank, "world": world, "seen": Recording.seen, "saves": saves,
+        "encoder_hash": weights_hash(res.encoder),
+        "student_hash": weights_hash(pre.student),
+        "losses": [h["loss"] for h in res.history],
+        "extracted": ex.extracted, "tiles": ex.tiles,
+    }, open(out / f"rank{rank}.json", "w"))
+''')
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    from histobench.slides.synthetic import write_synthetic_slide
+
+    out = tmp_path_factory.mktemp("ddp")
+    for i in range(3):
+        write_synthetic_slide(out / "slides" / f"slide{i}.tiff", class_index=i % 2, n_classes=2, seed=i,
+                              size=(256 + 64 * i, 256), mpp=0.5)
+    script = out / "run.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(script), str(out),
+         str(BATCH), str(STEPS)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    return out, proc
+
+
+def _ranks(out: Path) -> list[dict]:
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_both_ranks_exit_cleanly(launched):
+    out, proc = launched
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = _ranks(out)
+    assert [r["world"] for r in ranks] == [2, 2]
+
+
+def test_parameters_identical_after_training(launched):
+    out, proc = launched
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = _ranks(out)
+    assert r0["student_hash"] == r1["student_hash"]
+    assert r0["encoder_hash"] == r1["encoder_hash"]
+    assert r0["losses"] == r1["losses"]  # the logged loss is the mean over ranks
+    assert len(r0["losses"]) == STEPS and all(np.isfinite(r0["losses"]))
+
+
+def test_each_rank_sees_a_disjoint_half_of_every_global_batch(launched):
+    from histobench.pretrain.trainer import epoch_batches
+
+    out, proc = launched
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = _ranks(out)
+    global_batches = epoch_batches(BATCH * STEPS, BATCH, 0, 0)[:STEPS]
+    half = BATCH // 2
+    for b, full in enumerate(global_batches):
+        a, c = r0["seen"][b * half:(b + 1) * half], r1["seen"][b * half:(b + 1) * half]
+        assert not set(a) & set(c)
+        assert sorted(a + c) == sorted(full)
+
+
+def test_checkpoints_are_written_by_rank_zero_only(launched):
+    out, proc = launched
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = _ranks(out)
+    assert r1["saves"] == []
+    assert len(r0["saves"]) >= STEPS and (out / "pretrain" / "checkpoint.pt").exists()
+
+
+def test_extraction_shards_slides_across_ranks(launched):
+    from histobench.features.cache import read_features
+
+    out, proc = launched
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = _ranks(out)
+    assert (r0["extracted"], r1["extracted"]) == (2, 1)  # slide i goes to rank i % 2
+    files = sorted(p.name for p in (out / "features").glob("*.h5"))
+    assert files == ["slide0.h5", "slide1.h5", "slide2.h5"]
+    assert not list((out / "features").glob("*.tmp"))
+    total = sum(len(read_features(out / "features" / f)[0]) for f in files)
+    assert total == r0["tiles"] + r1["tiles"]
