@@ -201,6 +201,13 @@ def tile_cohort(manifest, task: Task, workdir: Path, reporter: Reporter, spec: R
     return slides
 
 
+def _rank() -> tuple[int, int]:
+    """``(rank, world size)`` of this process (``(0, 1)`` outside ``torchrun``)."""
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
 def _cap(slides, max_tiles: int, seed: int):
     from histobench.pretrain.data import SlideTiles
     from histobench.slides.tiling import select_tiles
@@ -225,7 +232,16 @@ def pretrain_stage(spec: RunSpec, comps: Components, slides, reporter: Reporter,
         capped = _cap(slides, train.max_tiles_per_slide, spec.seed)
         dataset = SlideTileDataset(capped)
         data_key = _digest([(s.slide_id, s.tiles.key(), len(s.tiles)) for s in capped])
-        data = cache_uint8(dataset, Path(spec.workdir) / "tilecache" / f"{data_key}.npy", reporter, train.num_workers)
+        cache = Path(spec.workdir) / "tilecache" / f"{data_key}.npy"
+        rank, world = _rank()
+        if rank == 0:  # one rank decodes the cache; the others wait for it, then read the same file
+            data = cache_uint8(dataset, cache, reporter, train.num_workers)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+            if rank:
+                data = cache_uint8(dataset, cache, reporter, train.num_workers)
     resolved = comps.resolved()  # only what changes the encoder: not the aggregator or the evaluation policy
     fingerprint = _digest({k: resolved[k] for k in ("encoder", "pretext", "train")} | {"data": data_key, "seed": spec.seed})
     out_dir = Path(spec.workdir) / "pretrain" / f"{comps.pretext.name}-{fingerprint}"
@@ -233,7 +249,8 @@ def pretrain_stage(spec: RunSpec, comps: Components, slides, reporter: Reporter,
                       device=spec.device, reporter=reporter, tracker=tracker)
     import torch
 
-    torch.save(result.encoder.state_dict(), out_dir / "encoder.pt")
+    if _rank()[0] == 0:
+        torch.save(result.encoder.state_dict(), out_dir / "encoder.pt")
     return result.encoder, result, out_dir
 
 
@@ -250,7 +267,7 @@ def extract_stage(spec: RunSpec, comps: Components, encoder, slides, reporter: R
     name = f"{comps.encoder.name}:{weights_tag}"
     out = Path(spec.workdir) / "features" / cache_key(name, w, mpp or o.mpp, tile_size or o.tile_size)
     res = extract_features(encoder, comps.encoder.transform(), slides, out, encoder_name=name, weights=w,
-                           device=spec.device, reporter=reporter, num_workers=0 if spec.demo else 2)
+                           device=spec.device, reporter=reporter, num_workers=0 if spec.demo else None)
     return FeatureDir(out), res, w
 
 

@@ -43,12 +43,15 @@ def write_features(path: Path, features: np.ndarray, coords: np.ndarray, attrs: 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
-        f.create_dataset("features", data=np.asarray(features, dtype=np.float32))
-        f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
-        for k, v in attrs.items():
-            f.attrs[k] = v
-    os.replace(tmp, path)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("features", data=np.asarray(features, dtype=np.float32))
+            f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
+            for k, v in attrs.items():
+                f.attrs[k] = v
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write leaves nothing behind, not even the temporary file
     return path
 
 

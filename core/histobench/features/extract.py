@@ -99,15 +99,10 @@ def extract_features(
     def flush(slide: SlideTiles, chunks: list[np.ndarray]) -> None:
         dim = getattr(encoder, "embed_dim", 0)
         features = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
-        path = paths[slide.slide_id]
-        try:
-            write_features(path, features, slide.tiles.coords, {
-                "encoder": encoder_name, "weights_hash": weights, "mpp": slide.tiles.mpp,
-                "tile_size": slide.tiles.tile_size, "histobench_version": __version__, "slide_id": slide.slide_id,
-            })
-        except BaseException:
-            path.with_name(path.name + ".tmp").unlink(missing_ok=True)  # write_features' temporary name
-            raise
+        write_features(paths[slide.slide_id], features, slide.tiles.coords, {
+            "encoder": encoder_name, "weights_hash": weights, "mpp": slide.tiles.mpp,
+            "tile_size": slide.tiles.tile_size, "histobench_version": __version__, "slide_id": slide.slide_id,
+        })
 
     # One loader over every tile of every slide to do, in order: workers stay busy across slide boundaries,
     # and a slide's file is written as soon as its last tile is encoded.
