@@ -35,6 +35,11 @@ def leaderboard_cmd(
     paths = write_leaderboard(df, entry.cls.name, out, tuple(f for f in formats if f != "table"))
     if "table" in formats:
         table = Table(title=f"{entry.cls.name} leaderboard (by {entry.cls.primary_metric})", title_justify="left")
+        # provenance columns stay in the files; the terminal shows the ranking and a short run id
+        shown = df.drop(columns=[c for c in ("plugins", "git_sha", "split_hash", "device") if c in df.columns])
+        if "run_id" in shown.columns:
+            shown = shown.assign(run_id=shown["run_id"].str[:12])
+        df = shown
         for col in df.columns:
             table.add_column(col, overflow="fold")
         for row in df.astype(str).itertuples(index=False):
