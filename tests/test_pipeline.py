@@ -122,3 +122,32 @@ def test_pretext_and_encoder_kinds_must_match(tmp_path):
                                          "--workdir", str(tmp_path)], env={"COLUMNS": "300"})
     assert result.exit_code == 2
     assert "pretext 'slpd' needs region grids but encoder 'timm' takes pixels; try --encoder hipt-vit4k" in result.output
+
+
+def test_run_skips_a_corrupt_slide_and_fail_fast_stops(tmp_path):
+    """A truncated slide is recorded in status.csv and skipped; --fail-fast stops on it, naming it, and keeps files."""
+    work = tmp_path / "work"
+    args = ["--task", "tcga-nsclc", "--demo", "--workdir", str(work), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}",
+            "-o", "task.demo_patients=8", "-o", "task.folds=2", "-o", "eval.epochs=2"]
+    # make the demo cohort, then truncate one slide as an interrupted download would
+    from histobench.registry import create
+
+    task = create("task", "tcga-nsclc", {"demo_patients": 8}, preset="demo")
+    manifest = task.demo_cohort(work / "demo" / "tcga-nsclc", seed=0)
+    victim = manifest.iloc[3]
+    data = open(victim["path"], "rb").read()
+    open(victim["path"], "wb").write(data[: len(data) // 3])
+
+    stopped = runner.invoke(build_app(), ["run", *args, "--fail-fast"], env={"COLUMNS": "300"})
+    assert stopped.exit_code == 2
+    assert f"slide {victim['slide_id']}" in stopped.output and "--fail-fast" in stopped.output
+    tiled_before = sorted(p.name for p in (work / "tiles").rglob("*.npz"))
+    assert tiled_before  # what was tiled before the stop is kept
+
+    result = runner.invoke(build_app(), ["run", *args], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    status = pd.read_csv(work / "status.csv")
+    bad = status[status["slide_id"] == victim["slide_id"]]
+    assert set(bad["status"]) == {"skipped"} and bad["reason"].str.len().min() > 0
+    assert (status[status["slide_id"] != victim["slide_id"]]["status"] == "ok").all()
+    assert set(tiled_before) <= {p.name for p in (work / "tiles").rglob("*.npz")}
