@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import finish, resolve_device, synchronize  # noqa: E402
+from common import finish, resolve_device, synchronize, timed_steps  # noqa: E402
 
 
 def make_slides(a) -> list[Path]:
@@ -102,14 +102,7 @@ def encoder_only(module, a, device) -> float:
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             module(x)
 
-    for _ in range(a.warmup):
-        step()
-    synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(a.steps):
-        step()
-    synchronize(device)
-    return a.batch_size * a.steps / (time.perf_counter() - t0)
+    return a.batch_size / timed_steps(step, device, a.warmup, a.steps)
 
 
 def decode_ceiling(slides, a, device) -> float:

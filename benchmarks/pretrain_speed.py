@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import finish, resolve_device, synchronize  # noqa: E402
+from common import finish, resolve_device, timed_steps  # noqa: E402
 
 
 def _components(a):
@@ -85,15 +85,8 @@ def bare_throughput(a, device) -> dict:
         with torch.no_grad():
             torch._foreach_lerp_(teacher_params, [p.detach() for p in student_params], 1.0 - 0.996)
 
-    for _ in range(a.warmup):
-        step()
-    synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(a.steps):
-        step()
-    synchronize(device)
-    dt = time.perf_counter() - t0
-    out = {"images_per_second": a.batch_size * a.steps / dt, "seconds_per_step": dt / a.steps}
+    per_step = timed_steps(step, device, a.warmup, a.steps)
+    out = {"images_per_second": a.batch_size / per_step, "seconds_per_step": per_step}
     if device.type == "cuda":
         out["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     del pre, opt, views

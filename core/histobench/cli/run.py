@@ -10,7 +10,7 @@ from rich.table import Table
 
 from histobench.cli.common import (AggregatorOpt, DataRootOpt, DemoOpt, DeviceOpt, EncoderOpt, FailFastOpt, LeakyOpt,
                                    OptionsOpt, PretextOpt, SeedOpt, SplitOpt, TaskOpt, TrackingOpt, WorkdirOpt, console,
-                                   handle_errors, reporter)
+                                   reporter)
 
 DEFAULT_WORKDIR = Path("histobench-work")
 

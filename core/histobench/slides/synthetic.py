@@ -580,8 +580,6 @@ def make_demo_cohort(
     Idempotent: when ``out_dir`` already holds a cohort made with the same parameters (``demo_params.json``) and
     all its slides, nothing is regenerated and the existing manifest is returned.
     """
-    import pandas as pd
-
     out = Path(out_dir)
     classes = [str(c) for c in classes]
     n_classes = len(classes)
@@ -618,16 +616,32 @@ def make_demo_cohort(
     if cached is not None:
         return cached
 
+    jobs, df = _patient_slides(
+        out, n_patients, pattern, seed,
+        lambda i: dict(class_index=assigned[i], n_classes=n_classes, size=size, mpp=mpp, signal_fraction=signal_fraction),
+        lambda i: {"label": classes[assigned[i]]})
+    return _write_cohort(out, jobs, df, params)
+
+
+def _patient_slides(out: Path, n_patients: int, pattern: list[int], seed: int,
+                    slide_kwargs: Callable[[int], dict], row_fields: Callable[[int], dict]):
+    """Slide-writing jobs and manifest rows for a demo cohort: patient ``i`` gets ``pattern[i % len]`` slides.
+
+    ``slide_kwargs(i)`` gives :func:`write_synthetic_slide`'s arguments for patient ``i`` (each slide adds its
+    own seed), ``row_fields(i)`` the patient's label columns. Returns ``(jobs, manifest frame)``.
+    """
+    import pandas as pd
+
     rows, jobs = [], []
     for i in range(n_patients):
         case_id = f"DEMO-{i + 1:04d}"
+        fields = row_fields(i)
         for j in range(pattern[i % len(pattern)]):
             slide_id = f"{case_id}-{j + 1:02d}"
             rel = f"slides/{slide_id}.tiff"
-            jobs.append(dict(path=out / rel, class_index=assigned[i], n_classes=n_classes, seed=_slide_seed(seed, i, j),
-                             size=size, mpp=mpp, signal_fraction=signal_fraction))
-            rows.append({"slide_id": slide_id, "case_id": case_id, "path": rel, "label": classes[assigned[i]]})
-    return _write_cohort(out, jobs, pd.DataFrame(rows, columns=["slide_id", "case_id", "path", "label"]), params)
+            jobs.append(dict(path=out / rel, seed=_slide_seed(seed, i, j), **slide_kwargs(i)))
+            rows.append({"slide_id": slide_id, "case_id": case_id, "path": rel, **fields})
+    return jobs, pd.DataFrame(rows, columns=["slide_id", "case_id", "path", *row_fields(0)])
 
 
 def _cached_cohort(out: Path, params: dict):
@@ -695,8 +709,6 @@ def make_grading_cohort(out_dir: str | os.PathLike[str], *, n_patients: int, see
     ``GRADE_TUMOUR_FRACTION[g]`` of its tissue (grade 0: none), so both "is there tumour" and "how much" carry
     the grade. Manifest: ``slide_id, case_id, path, label`` (``label`` the grade as a string).
     """
-    import pandas as pd
-
     if not 2 <= grades <= len(GRADE_TUMOUR_FRACTION):
         raise HistobenchError(f"grading demo cohorts support 2 to {len(GRADE_TUMOUR_FRACTION)} grades, got {grades}")
     if n_patients < grades:
@@ -712,15 +724,11 @@ def make_grading_cohort(out_dir: str | os.PathLike[str], *, n_patients: int, see
     cached = _cached_cohort(out, params)
     if cached is not None:
         return cached
-    rows, jobs = [], []
-    for i in range(n_patients):
-        case_id = f"DEMO-{i + 1:04d}"
-        for j in range(pattern[i % len(pattern)]):
-            slide_id, rel = f"{case_id}-{j + 1:02d}", f"slides/{case_id}-{j + 1:02d}.tiff"
-            jobs.append(dict(path=out / rel, class_index=1, n_classes=2, seed=_slide_seed(seed, i, j), size=size,
-                             mpp=mpp, signal_fraction=fractions[assigned[i]]))
-            rows.append({"slide_id": slide_id, "case_id": case_id, "path": rel, "label": str(assigned[i])})
-    return _write_cohort(out, jobs, pd.DataFrame(rows, columns=["slide_id", "case_id", "path", "label"]), params)
+    jobs, df = _patient_slides(
+        out, n_patients, pattern, seed,
+        lambda i: dict(class_index=1, n_classes=2, size=size, mpp=mpp, signal_fraction=fractions[assigned[i]]),
+        lambda i: {"label": str(assigned[i])})
+    return _write_cohort(out, jobs, df, params)
 
 
 def simulate_survival(feature: np.ndarray, *, seed: int, beta: float = 1.5, median_months: float = 36.0,
@@ -752,8 +760,6 @@ def make_survival_cohort(out_dir: str | os.PathLike[str], *, n_patients: int, se
     (higher burden, shorter survival; about a third censored). Manifest: ``slide_id, case_id, path, time``
     (months), ``event`` (1 death, 0 censored) and ``tumour_fraction`` (the planted feature, for checks).
     """
-    import pandas as pd
-
     if n_patients < 4:
         raise HistobenchError(f"a survival demo cohort needs at least 4 patients, got {n_patients}")
     out = Path(out_dir)
@@ -767,16 +773,10 @@ def make_survival_cohort(out_dir: str | os.PathLike[str], *, n_patients: int, se
     cached = _cached_cohort(out, params)
     if cached is not None:
         return cached
-    rows, jobs = [], []
-    for i in range(n_patients):
-        case_id = f"DEMO-{i + 1:04d}"
-        for j in range(pattern[i % len(pattern)]):
-            slide_id, rel = f"{case_id}-{j + 1:02d}", f"slides/{case_id}-{j + 1:02d}.tiff"
-            jobs.append(dict(path=out / rel, class_index=1, n_classes=2, seed=_slide_seed(seed, i, j), size=size,
-                             mpp=mpp, signal_fraction=float(burden[i])))
-            rows.append({"slide_id": slide_id, "case_id": case_id, "path": rel, "time": float(time[i]),
-                         "event": int(event[i]), "tumour_fraction": float(burden[i])})
-    df = pd.DataFrame(rows, columns=["slide_id", "case_id", "path", "time", "event", "tumour_fraction"])
+    jobs, df = _patient_slides(
+        out, n_patients, pattern, seed,
+        lambda i: dict(class_index=1, n_classes=2, size=size, mpp=mpp, signal_fraction=float(burden[i])),
+        lambda i: {"time": float(time[i]), "event": int(event[i]), "tumour_fraction": float(burden[i])})
     return _write_cohort(out, jobs, df, params)
 
 
