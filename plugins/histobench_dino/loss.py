@@ -40,19 +40,24 @@ class DINOLoss(nn.Module):
     def teacher_probs(self, teacher_outputs: Sequence[torch.Tensor], teacher_temp: float) -> list[torch.Tensor]:
         return [F.softmax((t.float() - self.center) / teacher_temp, dim=-1) for t in teacher_outputs]
 
-    def forward(self, student_outputs: Sequence[torch.Tensor], teacher_outputs: Sequence[torch.Tensor],
-                teacher_temp: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        teacher_outputs = [t.detach() for t in teacher_outputs]
-        probs = self.teacher_probs(teacher_outputs, teacher_temp)
+    def cross_entropy(self, probs: Sequence[torch.Tensor], student_outputs: Sequence[torch.Tensor],
+                      skip_same_view: bool = True) -> torch.Tensor:
+        """Mean cross-entropy of every (target ``i``, student view ``j``) pair; ``i == j`` skipped if asked."""
         log_s = [F.log_softmax(s.float() / self.student_temp, dim=-1) for s in student_outputs]
         total, terms = 0.0, 0
         for i, p in enumerate(probs):
             for j, ls in enumerate(log_s):
-                if i == j:  # never the same view for teacher and student
+                if skip_same_view and i == j:  # never the same view for teacher and student
                     continue
                 total = total + (-(p * ls).sum(-1)).mean()
                 terms += 1
-        loss = total / max(terms, 1)
+        return total / max(terms, 1)
+
+    def forward(self, student_outputs: Sequence[torch.Tensor], teacher_outputs: Sequence[torch.Tensor],
+                teacher_temp: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        teacher_outputs = [t.detach() for t in teacher_outputs]
+        probs = self.teacher_probs(teacher_outputs, teacher_temp)
+        loss = self.cross_entropy(probs, student_outputs)
         with torch.no_grad():
             entropy = torch.stack([-(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean() for p in probs]).mean()
         self.update_center(teacher_outputs)

@@ -21,7 +21,6 @@ from __future__ import annotations
 from typing import Literal, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from histobench_dino.loss import DINOLoss
@@ -45,16 +44,9 @@ class PrototypeDistillationLoss(DINOLoss):
                 teacher_temp: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         target_chunks = [t.detach() for t in target_chunks]
         probs = self.teacher_probs(target_chunks, teacher_temp)
-        log_s = [F.log_softmax(s.float() / self.student_temp, dim=-1) for s in student_outputs]
-        total, terms = 0.0, 0
-        for i, p in enumerate(probs):
-            for j, ls in enumerate(log_s):
-                if self.skip_same_view and i == j:
-                    continue
-                total = total + (-(p * ls).sum(-1)).mean()
-                terms += 1
+        loss = self.cross_entropy(probs, student_outputs, self.skip_same_view)
         self.update_center(target_chunks)
-        return total / max(terms, 1), {}
+        return loss, {}
 
 
 class SLPDLoss(nn.Module):
