@@ -11,13 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+from histobench.device import resolve_device  # noqa: F401  (re-exported for the benchmark scripts)
 
 
 def describe_device(device) -> dict[str, Any]:

@@ -40,7 +40,8 @@ def main() -> None:
     import torch
 
     from histobench.evaluate.options import EvalOptions
-    from histobench.evaluate.train import fit_aggregator, resolve_device
+    from histobench.device import resolve_device
+    from histobench.evaluate.train import fit_aggregator
     from histobench_mil.abmil import ABMIL
 
     rng = np.random.default_rng(0)

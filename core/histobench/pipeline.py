@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from histobench.components import Aggregator, Encoder, Pretext, Task, TrainOptions
+from histobench.device import resolve_device
 from histobench.errors import HistobenchError
 from histobench.options import validate_model
 from histobench.registry import create, get_component
@@ -312,7 +314,7 @@ def patch_grids(spec: RunSpec, comps: Components, regions, reporter: Reporter, t
     if o.patch_pretext != NO_PRETEXT:
         pre = create("pretext", o.patch_pretext, None, preset)
         sub = Components(comps.task, patch_enc, pre, comps.aggregator, type(pre).train_options(preset), comps.eval)
-        with tracker.run(comps.task.name, f"pretrain patches {pre.name}", stage="pretrain", nested=True) if tracker else _null():
+        with tracker.run(comps.task.name, f"pretrain patches {pre.name}", stage="pretrain", nested=True) if tracker else nullcontext():
             module, _, ckpt = pretrain_stage(spec, sub, patches, reporter, tracker)
         tag = f"{pre.name}-{ckpt.name.rsplit('-', 1)[-1]}"
     else:
@@ -352,7 +354,7 @@ def region_features(spec: RunSpec, comps: Components, encoder, regions, grids: d
     w = weights_hash(encoder)
     name = f"{comps.encoder.name}:{weights_tag}"
     out = Path(spec.workdir) / "features" / cache_key(name, w, o.patch_mpp, o.patch_px * o.grid_size)
-    dev = torch.device(spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(spec.device)
     encoder = encoder.to(dev).eval()
     with reporter.stage(f"extract {comps.encoder.name}", total=len(regions), unit="slides") as st, torch.inference_mode():
         for r in regions:
@@ -367,14 +369,6 @@ def region_features(spec: RunSpec, comps: Components, encoder, regions, grids: d
     return FeatureDir(out), w
 
 
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def evaluate_stage(spec: RunSpec, comps: Components, manifest, features, reporter: Reporter):
     """Patient-level k-fold evaluation of the aggregator on the features; returns ``(EvalResult, Splits)``."""
     from histobench.cohorts.splits import check_leaks, task_splits
@@ -385,7 +379,7 @@ def evaluate_stage(spec: RunSpec, comps: Components, manifest, features, reporte
     leaks = check_leaks(splits, manifest, allow_leaks=spec.allow_leaky_splits)
     if leaks:
         reporter.warn(f"split {splits.name!r} has {leaks} patient-fold leaks; evaluating anyway (--allow-leaky-splits)")
-    with reporter.stage(f"evaluate {comps.aggregator.name}", total=task.options.folds * comps.eval.seeds, unit="folds") as st:
+    with reporter.stage(f"evaluate {comps.aggregator.name}", total=splits.folds * comps.eval.seeds, unit="folds") as st:
         result = evaluate_features(task_kind=task.task_kind, classes=list(task.classes), manifest=manifest,
                                    features=features, splits=splits, aggregator=comps.aggregator, opts=comps.eval,
                                    metrics=list(task.metrics) or None,

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
+from histobench.device import resolve_device
+
 from histobench.evaluate.options import EvalOptions
 from histobench.pretrain.schedules import cosine_schedule
 
@@ -24,15 +26,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
 LossFn = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
-
-
-def resolve_device(spec: str = "auto") -> "torch.device":
-    """``auto`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
-    import torch
-
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
 
 
 def class_weights(targets: np.ndarray, n_classes: int, mode: str = "balanced") -> np.ndarray:

@@ -21,6 +21,7 @@ import numpy as np
 
 from histobench import __version__
 from histobench.components import InputTransform
+from histobench.device import resolve_device
 from histobench.features.cache import is_complete, write_features
 from histobench.pretrain.data import SlideTileDataset, SlideTiles
 from histobench.reporting import Reporter
@@ -75,7 +76,7 @@ def extract_features(
 
     reporter = reporter or Reporter()
     rank, world = init_distributed()  # under torchrun: join the group (and pick this rank's GPU) if not yet done
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     encoder = encoder.to(dev).eval()
     if num_workers is None:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from histobench.components import Encoder, PretrainContext, Pretext, TrainOptions
+from histobench.device import resolve_device
 from histobench.errors import HistobenchError
 from histobench.pretrain.schedules import cosine_schedule
 from histobench.reporting import Reporter
@@ -187,7 +188,7 @@ def pretrain(
 
     reporter = reporter or Reporter()
     rank, world = init_distributed()
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     if opts.batch_size % world:
         raise HistobenchError(f"train.batch_size={opts.batch_size} is not divisible by the {world} ranks")
     n = len(dataset)
