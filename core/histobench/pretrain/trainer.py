@@ -239,7 +239,13 @@ def pretrain(
             reporter.warn(f"ignoring checkpoint {ckpt_path}: it was made for a different schedule")
     _broadcast_state(pretext.state_dict())
 
+    last_saved = start
+
     def save(step: int) -> None:
+        nonlocal last_saved
+        if step == last_saved:  # the step-interval and the epoch-end checkpoint can fall on the same step
+            return
+        last_saved = step
         if rank == 0:
             _save_atomic({"pretext": pretext.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                           "total_steps": total, "history": history, "train_options": opts.model_dump()}, ckpt_path)
