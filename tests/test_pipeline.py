@@ -151,3 +151,18 @@ def test_run_skips_a_corrupt_slide_and_fail_fast_stops(tmp_path):
     assert set(bad["status"]) == {"skipped"} and bad["reason"].str.len().min() > 0
     assert (status[status["slide_id"] != victim["slide_id"]]["status"] == "ok").all()
     assert set(tiled_before) <= {p.name for p in (work / "tiles").rglob("*.npz")}
+
+
+def test_single_stage_commands_take_the_region_path(tmp_path):
+    """`pretrain --pretext slpd` defaults to the pretext's region encoder; `extract` encodes regions for it."""
+    common = ["--task", "tcga-nsclc", "--demo", "--workdir", str(tmp_path / "work"), "-o", "task.demo_patients=6"]
+    pre = runner.invoke(build_app(), ["pretrain", "--pretext", "slpd", *common, "-o", "train.epochs=3"],
+                        env={"COLUMNS": "300"})
+    assert pre.exit_code == 0, pre.output
+    weights = next((tmp_path / "work" / "pretrain").glob("slpd-*/encoder.pt"))
+    assert "encoder weights:" in pre.output
+    ext = runner.invoke(build_app(), ["extract", "--encoder", "hipt-vit4k", "--weights", str(weights), *common],
+                        env={"COLUMNS": "300"})
+    assert ext.exit_code == 0, ext.output
+    assert "regions encoded" in ext.output
+    assert len(list((tmp_path / "work" / "features").glob("hipt-vit4k-file-encoder-*/*.h5"))) >= 1

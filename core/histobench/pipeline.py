@@ -369,6 +369,37 @@ def region_features(spec: RunSpec, comps: Components, encoder, regions, grids: d
     return FeatureDir(out), w
 
 
+@dataclass
+class CohortInputs:
+    """What the encoder reads: tiles of every slide, or, for a ``grid`` encoder, regions and their patch grids."""
+
+    slides: list  # [SlideTiles]: tiles, or whole regions
+    grids: dict | None = None  # {slide_id: [R, D, g, g]} for hierarchical encoders
+
+
+def cohort_inputs(spec: RunSpec, comps: Components, manifest, reporter: Reporter, status=None, tracker=None) -> CohortInputs:
+    """Tile the cohort for the encoder: the task's tiles, or regions as grids of frozen patch embeddings."""
+    if comps.encoder.input_kind == "grid":  # HIPT, SLPD
+        regions = region_cohort(spec, comps, manifest, reporter, status)
+        return CohortInputs(regions, patch_grids(spec, comps, regions, reporter, tracker))
+    return CohortInputs(tile_cohort(manifest, comps.task, spec.workdir, reporter, spec, status))
+
+
+def pretrain_inputs(spec: RunSpec, comps: Components, manifest, inputs: CohortInputs, reporter: Reporter, tracker=None):
+    """``pretrain_stage`` on whichever inputs the encoder reads."""
+    grids = grid_dataset(comps, manifest, inputs.grids) if inputs.grids is not None else None
+    return pretrain_stage(spec, comps, inputs.slides, reporter, tracker, grids=grids)
+
+
+def encode_cohort(spec: RunSpec, comps: Components, encoder, inputs: CohortInputs, reporter: Reporter, weights_tag: str):
+    """Features of every slide: ``(FeatureDir, weights hash, ExtractResult or None for region encoders)``."""
+    if inputs.grids is not None:
+        features, w = region_features(spec, comps, encoder, inputs.slides, inputs.grids, reporter, weights_tag)
+        return features, w, None
+    features, ext, w = extract_stage(spec, comps, encoder, inputs.slides, reporter, weights_tag)
+    return features, w, ext
+
+
 def evaluate_stage(spec: RunSpec, comps: Components, manifest, features, reporter: Reporter):
     """Patient-level k-fold evaluation of the aggregator on the features; returns ``(EvalResult, Splits)``."""
     from histobench.cohorts.splits import check_leaks, task_splits
@@ -468,22 +499,16 @@ def run(spec: RunSpec, reporter: Reporter | None = None) -> RunResult:
         tracker.tags(provenance(comps))
         status = StatusTable()
         manifest = load_cohort(spec, task, reporter, status)
-        hierarchical = comps.encoder.input_kind == "grid"
-        if hierarchical:  # regions as grids of frozen patch embeddings (HIPT, SLPD)
-            slides = region_cohort(spec, comps, manifest, reporter, status)
-            grids = patch_grids(spec, comps, slides, reporter, tracker)
-        else:
-            slides = tile_cohort(manifest, task, spec.workdir, reporter, spec, status)
+        inputs = cohort_inputs(spec, comps, manifest, reporter, status, tracker)
         tracker.metrics({"cohort/slides": len(manifest), "cohort/patients": manifest["case_id"].nunique(),
-                         "cohort/tiles": sum(len(s.tiles) for s in slides),
+                         "cohort/tiles": sum(len(s.tiles) for s in inputs.slides),
                          "cohort/slides_skipped": len(status.problems())})
         tracker.artifact(Path(spec.workdir) / "status.csv")
 
         if comps.pretext is not None:
             with tracker.run(task.name, f"pretrain {pretext_name}", stage="pretrain", nested=True):
                 tracker.params({"pretext": comps.resolved()["pretext"], "train": comps.train.model_dump()})
-                encoder, pre, ckpt_dir = pretrain_stage(spec, comps, slides, reporter, tracker,
-                                                        grids=grid_dataset(comps, manifest, grids) if hierarchical else None)
+                encoder, pre, ckpt_dir = pretrain_inputs(spec, comps, manifest, inputs, reporter, tracker)
                 tracker.metrics({"pretrain/images_per_second": pre.images_per_second, "pretrain/steps": pre.steps,
                                  "pretrain/final_loss": pre.history[-1]["loss"] if pre.history else float("nan")})
                 tracker.artifact(ckpt_dir / "encoder.pt", "encoder")
@@ -496,10 +521,8 @@ def run(spec: RunSpec, reporter: Reporter | None = None) -> RunResult:
             weights_tag = comps.encoder.weights_tag()
 
         with tracker.run(task.name, "extract", stage="extract", nested=True):
-            if hierarchical:
-                features, w = region_features(spec, comps, encoder, slides, grids, reporter, weights_tag)
-            else:
-                features, ext, w = extract_stage(spec, comps, encoder, slides, reporter, weights_tag)
+            features, w, ext = encode_cohort(spec, comps, encoder, inputs, reporter, weights_tag)
+            if ext is not None:
                 tracker.metrics({"extract/tiles_per_second": ext.tiles_per_second, "extract/tiles": ext.tiles,
                                  "extract/slides_extracted": ext.extracted, "extract/slides_cached": ext.skipped})
             tracker.params({"encoder": comps.encoder.name, "weights_hash": w, "feature_dir": str(features.root)})

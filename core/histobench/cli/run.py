@@ -74,7 +74,7 @@ def run_cmd(
 def pretrain_cmd(
     task: TaskOpt,
     pretext: PretextOpt,
-    encoder: EncoderOpt = "timm",
+    encoder: EncoderOpt = None,
     option: OptionsOpt = None,
     demo: DemoOpt = False,
     seed: SeedOpt = 0,
@@ -84,15 +84,15 @@ def pretrain_cmd(
 ) -> None:
     """Only pretrain: tile the task's cohort and train the pretext; prints the encoder weights file."""
     from histobench.errors import HistobenchError
-    from histobench.pipeline import load_cohort, pretrain_stage, resolve, tile_cohort
+    from histobench.pipeline import cohort_inputs, load_cohort, pretrain_inputs, resolve
 
     if pretext == "none":
         raise HistobenchError("pretrain needs --pretext")
     spec = _spec(task, pretext, encoder, None, option, demo, seed, workdir, data_root, None, device, track=False)
     rep = reporter()
     comps = resolve(spec)
-    slides = tile_cohort(load_cohort(spec, comps.task, rep), comps.task, workdir, rep)
-    _, result, out_dir = pretrain_stage(spec, comps, slides, rep)
+    manifest = load_cohort(spec, comps.task, rep)
+    _, result, out_dir = pretrain_inputs(spec, comps, manifest, cohort_inputs(spec, comps, manifest, rep), rep)
     console.print(f"{result.steps} steps, {result.images_per_second:.1f} img/s; encoder weights: {out_dir / 'encoder.pt'}")
 
 
@@ -111,7 +111,7 @@ def extract_cmd(
     import torch
 
     from histobench.errors import HistobenchError
-    from histobench.pipeline import extract_stage, load_cohort, resolve, tile_cohort
+    from histobench.pipeline import cohort_inputs, encode_cohort, load_cohort, resolve
 
     spec = _spec(task, "none", encoder, None, option, demo, seed, workdir, data_root, None, device, track=False)
     rep = reporter()
@@ -127,9 +127,10 @@ def extract_cmd(
         except RuntimeError as err:
             raise HistobenchError(f"weights file {weights} does not fit encoder {encoder!r}: {str(err).splitlines()[0]}") from None
         tag = f"file-{weights.stem}"
-    slides = tile_cohort(load_cohort(spec, comps.task, rep), comps.task, workdir, rep)
-    features, res, _ = extract_stage(spec, comps, module, slides, rep, tag)
-    console.print(f"{res.extracted} slides extracted, {res.skipped} cached, {res.tiles_per_second:.0f} tiles/s: {features.root}")
+    manifest = load_cohort(spec, comps.task, rep)
+    features, _, res = encode_cohort(spec, comps, module, cohort_inputs(spec, comps, manifest, rep), rep, tag)
+    done = f"{res.extracted} slides extracted, {res.skipped} cached, {res.tiles_per_second:.0f} tiles/s" if res else "regions encoded"
+    console.print(f"{done}: {features.root}")
 
 
 def evaluate_cmd(
