@@ -19,12 +19,14 @@ from histobench.cohorts.importers import (
 from histobench.cohorts.status import StatusTable, check_slide, validate_manifest_rows
 from histobench.errors import HistobenchError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared/data"
-REAL = SHARED / "slides"
-HIPT = SHARED / "tcga" / "hipt_tcga_lung.csv"
-CDR = SHARED / "tcga" / "tcga_cdr_survival.csv"
-needs_real = pytest.mark.skipif(not REAL.is_dir(), reason=f"shared real slides not found at {REAL}")
-needs_tcga = pytest.mark.skipif(not HIPT.exists(), reason=f"shared TCGA tables not found at {HIPT.parent}")
+# Real slides copied from the project's shared data (licenses in tests/data/README.md); TCGA tables shipped
+# with the tcga plugin.
+REAL = Path(__file__).resolve().parent / "data" / "slides"
+TCGA_DATA = Path(__file__).resolve().parents[1] / "plugins" / "histobench_tcga" / "data"
+HIPT = TCGA_DATA / "hipt_tcga_lung.csv"
+CDR = TCGA_DATA / "tcga_cdr_os.csv"
+needs_real = pytest.mark.skipif(not REAL.is_dir(), reason=f"real test slides not found at {REAL}")
+needs_tcga = pytest.mark.skipif(not HIPT.exists(), reason=f"TCGA tables not found at {HIPT.parent}")
 
 
 class _Task:

@@ -21,9 +21,8 @@ from histobench.slides.synthetic import (
 from histobench.slides.tiling import TileSet, choose_level, read_tile, select_tiles, tile_slide
 from histobench.slides.tissue import otsu_threshold, tissue_mask
 
-SHARED = Path(__file__).resolve().parents[2] / "shared/data"
-REAL = SHARED / "slides"
-needs_real = pytest.mark.skipif(not REAL.is_dir(), reason=f"shared real slides not found at {REAL}")
+REAL = Path(__file__).resolve().parent / "data" / "slides"  # copied from the shared data; see tests/data/README.md
+needs_real = pytest.mark.skipif(not REAL.is_dir(), reason=f"real test slides not found at {REAL}")
 
 
 @pytest.fixture(scope="module")
@@ -301,7 +300,7 @@ def test_make_demo_cohort(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# real slides (shared test data)
+# real slides (tests/data/slides)
 # ---------------------------------------------------------------------------------------------------------------
 @needs_real
 def test_real_aperio_svs():
