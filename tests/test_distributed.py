@@ -1,8 +1,10 @@
 """Data parallelism under ``torchrun``: two gloo ranks on the CPU.
 
 One ``torch.distributed.run --nproc_per_node=2`` launch (shared by the tests of this module) pretrains DINO
-(demo preset) on synthetic tiles, then extracts features of three synthetic slides; each rank writes what
-it saw and what it trained to ``rank<r>.json``.
+(demo preset) on synthetic tiles, then a deterministic toy pretext (a linear encoder, a squared-error loss
+and a module no step uses), then extracts features of three synthetic slides; each rank writes what it saw
+and what it trained to ``rank<r>.json``. The toy run is repeated in one process on the whole batches: with
+gradients averaged correctly over the two halves, both give the same weights.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ SCRIPT = textwrap.dedent('''
     import torch
 
     torch.set_num_threads(1)
+    from histobench.components import Encoder, Pretext
     from histobench.features.cache import weights_hash
     from histobench.features.extract import extract_features
     from histobench.pretrain import trainer
@@ -44,6 +47,48 @@ SCRIPT = textwrap.dedent('''
             Recording.seen.append(int(idx))
             return super().__getitem__(idx)
 
+    class ToyEncoder(Encoder):
+        name = "toy-linear"
+
+        def build(self):
+            torch.manual_seed(0)
+            return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+
+    class ToyPretext(Pretext):
+        """Squared error of the encoder's output against a fixed target: a deterministic mean over the batch."""
+
+        name = "toy"
+
+        def setup(self, encoder, ctx):
+            self.encoder = encoder
+            self.spare = torch.nn.Linear(2, 2)  # trained but never called: DDP must not wait for its gradient
+
+        def student_modules(self):
+            return {"encoder": self.encoder, "spare": self.spare}
+
+        def training_step(self, batch, step):
+            x = batch["images"][:, :, :8, :8].float() / 255.0
+            return {"loss": (self.encoder(x) - 1.0).pow(2).mean()}
+
+        def state_dict(self):
+            return {"encoder": self.encoder.state_dict(), "spare": self.spare.state_dict()}
+
+        def load_state_dict(self, state):
+            self.encoder.load_state_dict(state["encoder"])
+            self.spare.load_state_dict(state["spare"])
+
+        def trained_encoder(self):
+            return self.encoder
+
+    ddp_wraps = []
+    _ddp_init = torch.nn.parallel.DistributedDataParallel.__init__
+
+    def _counting_init(self, *args, **kwargs):
+        ddp_wraps.append("static" if kwargs.get("static_graph") else "dynamic" if kwargs.get("find_unused_parameters") else "?")
+        _ddp_init(self, *args, **kwargs)
+
+    torch.nn.parallel.DistributedDataParallel.__init__ = _counting_init
+
     saves = []
     _save = trainer._save_atomic
     trainer._save_atomic = lambda obj, path: (saves.append(str(path)), _save(obj, path))[1]
@@ -55,7 +100,26 @@ SCRIPT = textwrap.dedent('''
                                    warmup_epochs=0, checkpoint_every=1)
     data = Recording(BATCH * STEPS, 64, seed=0)
     res = trainer.pretrain(pre, enc, data, opts, out_dir=out / "pretrain", seed=0, device="cpu")
-    student = {k: v for k, v in pre.student.state_dict().items()}
+
+    toy_opts = ToyPretext.train_options(None, epochs=1, batch_size=BATCH, num_workers=0, steps_per_epoch=STEPS,
+                                        warmup_epochs=0, lr=0.05, weight_decay=0.0, weight_decay_end=0.0,
+                                        clip_grad=0.0)
+    toy_data = SyntheticTileDataset(BATCH * STEPS, 16, seed=1)
+    toy_start = torch.cat([p.detach().reshape(-1) for p in ToyEncoder().build().parameters()]).tolist()
+    toy = trainer.pretrain(ToyPretext(), ToyEncoder(), toy_data, toy_opts, out_dir=out / "toy", seed=0,
+                           device="cpu", resume=False)
+    toy_weights = torch.cat([p.detach().reshape(-1) for p in toy.encoder.parameters()]).tolist()
+    if rank == 0:  # the same run in one process on the whole batches (no process group in this call)
+        real = trainer._dist, trainer.init_distributed
+        trainer._dist, trainer.init_distributed = (lambda: None), (lambda: (0, 1))
+        try:
+            single = trainer.pretrain(ToyPretext(), ToyEncoder(), toy_data, toy_opts, out_dir=out / "toy-single",
+                                      seed=0, device="cpu", resume=False)
+        finally:
+            trainer._dist, trainer.init_distributed = real
+        single_weights = torch.cat([p.detach().reshape(-1) for p in single.encoder.parameters()]).tolist()
+    else:
+        single_weights = None
 
     slides = []
     for p in sorted((out / "slides").glob("*.tiff")):
@@ -69,6 +133,9 @@ SCRIPT = textwrap.dedent('''
         "encoder_hash": weights_hash(res.encoder),
         "student_hash": weights_hash(pre.student),
         "losses": [h["loss"] for h in res.history],
+        "ddp_wraps": ddp_wraps, "toy_weights": toy_weights, "toy_start_weights": toy_start,
+        "toy_single_weights": single_weights,
+        "toy_losses": [h["loss"] for h in toy.history],
         "extracted": ex.extracted, "tiles": ex.tiles,
     }, open(out / f"rank{rank}.json", "w"))
 ''')
@@ -148,3 +215,24 @@ def test_extraction_shards_slides_across_ranks(launched):
     assert not list((out / "features").glob("*.tmp"))
     total = sum(len(read_features(out / "features" / f)[0]) for f in files)
     assert total == r0["tiles"] + r1["tiles"]
+
+
+def test_training_goes_through_distributed_data_parallel(launched):
+    out, proc = launched
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = _ranks(out)
+    # one DDP wrapper per training run on each rank: DINO declares a static graph; the toy pretext keeps the
+    # default (find unused parameters every step) and has one
+    assert r0["ddp_wraps"] == r1["ddp_wraps"] == ["static", "dynamic"]
+
+
+def test_gradients_are_averaged_like_one_process_on_the_whole_batch(launched):
+    out, proc = launched
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = _ranks(out)
+    assert r0["toy_weights"] == r1["toy_weights"]
+    two_ranks, one_process = np.array(r0["toy_weights"]), np.array(r0["toy_single_weights"])
+    start = np.array(r0["toy_start_weights"])
+    assert np.abs(two_ranks - start).max() > 1e-3  # it trained
+    assert np.abs(two_ranks - one_process).max() < 1e-5
+    assert len(r0["toy_losses"]) == STEPS and r0["toy_losses"][-1] < r0["toy_losses"][0]

@@ -157,6 +157,10 @@ class Pretext(Component):
     default_encoder: ClassVar[str] = "timm"  # used when the user names no --encoder
     train_defaults: ClassVar[dict[str, Any]] = {}
     train_presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    # Under torchrun: does every step use the same parameters of student_modules()? True lets
+    # DistributedDataParallel learn the unused ones on the first step (static_graph); False (safe for
+    # steps that differ) makes it walk each step's autograd graph to find them.
+    ddp_static_graph: ClassVar[bool] = False
 
     def setup(self, encoder: "nn.Module", ctx: PretrainContext) -> None:
         raise NotImplementedError

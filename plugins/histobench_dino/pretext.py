@@ -36,6 +36,7 @@ class DINO(Pretext):
     """DINO (Caron et al., ICCV 2021): a student matches an EMA teacher's centred, sharpened outputs across crops."""
 
     name = "dino"
+    ddp_static_graph = True  # every step runs the whole student (backbone and head) on every view
     train_defaults = {
         "epochs": 100,
         "batch_size": 256,

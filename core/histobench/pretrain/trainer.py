@@ -4,22 +4,23 @@ It owns: seeding (every step reseeds from ``(seed, step)``, so a resumed run rep
 sequence exactly), device placement, bf16 autocast on CUDA, optional ``torch.compile``, AdamW (fused on
 CUDA) with per-step cosine learning-rate and weight-decay schedules, gradient clipping, checkpoints with
 resume, a stop on a non-finite loss that keeps the last good checkpoint, throughput and memory logging,
-and data parallelism under ``torchrun`` (gradients averaged over ranks with ``torch.distributed``).
+and data parallelism under ``torchrun`` (DistributedDataParallel).
 
 One step synchronises the host with the device once: after backward, the step's scalars (loss and whatever
 the pretext logs) are copied to the host in one transfer; a non-finite loss stops training there, before the
 optimizer touches the weights, so the checkpoint on disk is the last good one.
 
-Data parallelism does not use :class:`torch.nn.parallel.DistributedDataParallel`. DDP installs its
-gradient hooks in the wrapper's ``forward``, and here the pretext owns its modules and calls them itself
-(DINO's ``student.forward_views``, SLPD's region heads, a teacher that is not trained): the trainer would
-have to swap DDP wrappers into every pretext's attributes and every pretext would have to call
-``forward``. Instead, after backward, the trainer averages all gradients in one coalesced all-reduce
-(one flat buffer, so one collective per step, plus the step's loss so that every rank sees the same
-loss and stops together on a non-finite one). Ranks start from identical weights: the pretext's state is
-broadcast from rank 0 after ``setup`` and after a resume. What DDP adds over this is overlapping the
-all-reduce with backward; for a ViT-S/DINO step (about 22M trained encoder parameters plus the head) the
-one all-reduce is a small part of the step on NVLink.
+Data parallelism is :class:`torch.nn.parallel.DistributedDataParallel`. A pretext owns its modules and
+calls them itself (DINO's ``student.forward_views``, SLPD's region heads, a teacher that is not trained), so
+the trainer wraps what it optimises, the pretext's ``student_modules()``, in one step module whose
+``forward`` is the pretext's ``training_step``, and wraps that in DDP. Every step goes through the DDP
+wrapper: DDP prepares its reducer in ``forward``, and the bucketed gradient all-reduce then overlaps the
+backward pass. By default DDP walks each step's autograd graph to find trained parameters that got no
+gradient (a pretext's steps may differ); a pretext whose steps always use the same parameters sets
+``Pretext.ddp_static_graph`` and DDP learns the unused ones once, on the first step. The step's loss is averaged over ranks in one more (scalar)
+all-reduce, so every rank logs the same loss and stops together on a non-finite one. Ranks start from
+identical weights: the pretext's whole state (teacher and centres included) is broadcast from rank 0 after
+``setup`` and after a resume.
 """
 
 from __future__ import annotations
@@ -102,34 +103,53 @@ def _param_groups(modules: dict[str, Any]):
     return [{"params": decay, "apply_wd": True}, {"params": no_decay, "weight_decay": 0.0, "apply_wd": False}]
 
 
-def _average_gradients(params: list, loss):
-    """Average the gradients of ``params`` and ``loss`` over ranks in one all-reduce; returns the mean loss.
-
-    Parameters without a gradient on this rank take part with zeros (so the buffer has the same layout on
-    every rank) and keep ``grad=None`` afterwards unless another rank had a gradient for them.
-    """
+def _mean_over_ranks(loss):
+    """The step's loss averaged over ranks (the gradients are averaged by DDP during backward)."""
     dist = _dist()
     if dist is None:
         return loss
-    import torch
+    mean = loss.detach().float().reshape(1).clone()
+    dist.all_reduce(mean)
+    return mean[0] / dist.get_world_size()
 
-    world = dist.get_world_size()
-    parts = [loss.detach().float().reshape(1)]
-    for p in params:
-        parts.append(p.grad.reshape(-1).float() if p.grad is not None else torch.zeros(p.numel(), device=loss.device))
-    flat = torch.cat(parts)
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 1
-    for p in params:
-        n = p.numel()
-        chunk = flat[offset:offset + n].view_as(p)
-        if p.grad is not None:
-            p.grad.copy_(chunk)
-        elif chunk.any():
-            p.grad = chunk.to(p.dtype).clone()
-        offset += n
-    return flat[0]
+
+def _data_parallel_step(pretext: Pretext, modules: dict[str, Any], dev):
+    """``training_step`` of ``pretext``, through DistributedDataParallel when running under ``torchrun``.
+
+    Returns a callable ``(batch, step) -> output dict``. Outside a process group it is the pretext's own
+    ``training_step``. Inside one, the trained modules are collected in a step module whose ``forward``
+    calls ``training_step``; DDP wraps that module, so its gradient hooks fire on the pretext's own module
+    calls. The pretext is not a submodule: its state dict, checkpoints and the modules it calls are
+    unchanged.
+    """
+    dist = _dist()
+    if dist is None:
+        return pretext.training_step
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    class _StepModule(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.parts = torch.nn.ModuleDict({k.replace(".", "_"): m for k, m in modules.items()})
+
+        def forward(self, batch, step):
+            return pretext.training_step(batch, step)
+
+    if not any(p.requires_grad for p in _StepModule().parameters()):
+        raise HistobenchError(f"pretext {pretext.name!r} has no trainable parameters in student_modules()")
+    import inspect
+
+    static = bool(getattr(pretext, "ddp_static_graph", False))
+    kwargs: dict[str, Any] = {"static_graph": True} if static else {"find_unused_parameters": True}
+    # Buffers start identical (rank-0 broadcast) and are never trained: no per-forward buffer sync.
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        kwargs["forward_sync_buffers"] = False
+    else:
+        kwargs["broadcast_buffers"] = False
+    device_ids = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else None
+    wrapped = DistributedDataParallel(_StepModule(), device_ids=device_ids, **kwargs)
+    return wrapped
 
 
 def _broadcast_state(obj: Any) -> None:
@@ -238,6 +258,7 @@ def pretrain(
         else:
             reporter.warn(f"ignoring checkpoint {ckpt_path}: it was made for a different schedule")
     _broadcast_state(pretext.state_dict())
+    step_fn = _data_parallel_step(pretext, modules, dev)
 
     last_saved = start
 
@@ -286,11 +307,11 @@ def pretrain(
                 where = "forward pass"
                 try:
                     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-                        out = pretext.training_step(batch, step)
+                        out = step_fn(batch, step)
                     where = "backward pass"
                     optimizer.zero_grad(set_to_none=True)
                     out["loss"].backward()
-                    mean_loss = _average_gradients(params, out["loss"])
+                    mean_loss = _mean_over_ranks(out["loss"])
                     # One host sync per step: every scalar to log, and the loss the stop decision uses.
                     keys, values = _scalar_tensors(out)
                     host = torch.stack([mean_loss.detach().float().reshape(())] + values).cpu().tolist()
