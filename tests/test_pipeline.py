@@ -80,6 +80,12 @@ def test_rerun_reuses_cached_stages(demo_runs):
                            env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "0 slides extracted" in result.output
+    # `extract --weights` of `run`'s own pretraining finds the features `run` extracted with those weights
+    weights = next((tmp / "work" / "pretrain").glob("dino-*/encoder.pt"))
+    result = runner.invoke(build_app(), ["extract", "--weights", str(weights),
+                                         *[c for c in common if c not in ("--tracking-uri", uri)]], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "0 slides extracted" in result.output
 
 
 def test_slpd_region_path_end_to_end(tmp_path):
@@ -165,4 +171,5 @@ def test_single_stage_commands_take_the_region_path(tmp_path):
                         env={"COLUMNS": "300"})
     assert ext.exit_code == 0, ext.output
     assert "regions encoded" in ext.output
-    assert len(list((tmp_path / "work" / "features").glob("hipt-vit4k-file-encoder-*/*.h5"))) >= 1
+    # named after the pretraining, as `run` names it: a later `run` finds these features
+    assert len(list((tmp_path / "work" / "features").glob(f"hipt-vit4k-{weights.parent.name}-*/*.h5"))) >= 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Callable, Optional
@@ -58,10 +59,15 @@ DataRootOpt = Annotated[Optional[Path], typer.Option("--data-root", help="Folder
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="torch device (default: cuda if available, else cpu).")]
 
 
-def reporter():
-    from histobench.reporting import RichReporter
+def is_rank_zero() -> bool:
+    """False in the non-zero ranks of a ``torchrun`` launch: they work silently, rank 0 reports."""
+    return os.environ.get("RANK", "0") == "0"
 
-    return RichReporter(err_console)
+
+def reporter():
+    from histobench.reporting import Reporter, RichReporter
+
+    return RichReporter(err_console) if is_rank_zero() else Reporter()
 
 
 def is_tty() -> bool:

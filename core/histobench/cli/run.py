@@ -10,7 +10,7 @@ from rich.table import Table
 
 from histobench.cli.common import (AggregatorOpt, DataRootOpt, DemoOpt, DeviceOpt, EncoderOpt, FailFastOpt, LeakyOpt,
                                    OptionsOpt, PretextOpt, SeedOpt, SplitOpt, TaskOpt, TrackingOpt, WorkdirOpt, console,
-                                   reporter)
+                                   is_rank_zero, reporter)
 
 DEFAULT_WORKDIR = Path("histobench-work")
 
@@ -60,8 +60,14 @@ def run_cmd(
 
     Example: histobench run --pretext dino --task tcga-nsclc --demo -o train.epochs=2
     """
+    import os
+
+    from histobench.errors import HistobenchError
     from histobench.pipeline import run
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise HistobenchError("histobench run is one process: under torchrun, run `histobench pretrain` (and "
+                              "`histobench extract`), then `histobench run` without torchrun reuses what they made")
     spec = _spec(task, pretext, encoder, aggregator, option, demo, seed, workdir, data_root, tracking_uri, device,
                  split=split, fail_fast=fail_fast, allow_leaky_splits=allow_leaky_splits)
     result = run(spec, reporter())
@@ -93,7 +99,8 @@ def pretrain_cmd(
     comps = resolve(spec)
     manifest = load_cohort(spec, comps.task, rep)
     _, result, out_dir = pretrain_inputs(spec, comps, manifest, cohort_inputs(spec, comps, manifest, rep), rep)
-    console.print(f"{result.steps} steps, {result.images_per_second:.1f} img/s; encoder weights: {out_dir / 'encoder.pt'}")
+    if is_rank_zero():
+        console.print(f"{result.steps} steps, {result.images_per_second:.1f} img/s; encoder weights: {out_dir / 'encoder.pt'}")
 
 
 def extract_cmd(
@@ -126,11 +133,13 @@ def extract_cmd(
             module.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         except RuntimeError as err:
             raise HistobenchError(f"weights file {weights} does not fit encoder {encoder!r}: {str(err).splitlines()[0]}") from None
-        tag = f"file-{weights.stem}"
+        # weights from `histobench pretrain` keep its tag, so that `histobench run` finds these features
+        tag = weights.parent.name if (weights.parent / "checkpoint.pt").exists() else f"file-{weights.stem}"
     manifest = load_cohort(spec, comps.task, rep)
     features, _, res = encode_cohort(spec, comps, module, cohort_inputs(spec, comps, manifest, rep), rep, tag)
     done = f"{res.extracted} slides extracted, {res.skipped} cached, {res.tiles_per_second:.0f} tiles/s" if res else "regions encoded"
-    console.print(f"{done}: {features.root}")
+    if is_rank_zero():
+        console.print(f"{done}: {features.root}")
 
 
 def evaluate_cmd(
