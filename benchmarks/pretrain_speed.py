@@ -89,7 +89,7 @@ def bare_throughput(a, device) -> dict:
     out = {"images_per_second": a.batch_size / per_step, "seconds_per_step": per_step}
     if device.type == "cuda":
         out["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-    del pre, opt, views
+
     return out
 
 

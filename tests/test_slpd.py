@@ -10,7 +10,6 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from histobench.components import PretrainContext  # noqa: E402
-from histobench_dino.loss import DINOLoss  # noqa: E402
 from histobench_slpd import clustering as C  # noqa: E402
 from histobench_slpd.data import RegionGridDataset, synthetic_grid_cohort  # noqa: E402
 from histobench_slpd.encoder import HIPTRegionEncoder  # noqa: E402

@@ -14,12 +14,12 @@ import torch.
 
 from __future__ import annotations
 
-import functools
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pydantic import Field
 
 from histobench.components import Aggregator, StrictOptions
+from histobench.lazy import lazy_attributes, torch_class
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -42,7 +42,7 @@ class ABMIL(Aggregator):
         return _net_class()(in_dim, n_outputs, o.hidden_dim, o.attention_dim, o.dropout)
 
 
-@functools.cache
+@torch_class
 def _net_class() -> type:
     import torch
     from torch import nn
@@ -68,12 +68,7 @@ def _net_class() -> type:
             pooled = torch.bmm(attention.unsqueeze(1), h).squeeze(1)
             return self.classifier(pooled), attention
 
-    GatedAttentionMIL.__module__ = __name__
-    GatedAttentionMIL.__qualname__ = "GatedAttentionMIL"
     return GatedAttentionMIL
 
 
-def __getattr__(name: str) -> Any:  # PEP 562: the module class exists (and pickles) once torch is wanted
-    if name == "GatedAttentionMIL":
-        return _net_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, GatedAttentionMIL=_net_class)  # pickles as {module}.GatedAttentionMIL

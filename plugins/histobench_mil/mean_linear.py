@@ -8,12 +8,12 @@ importing this plugin does not import torch.
 
 from __future__ import annotations
 
-import functools
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pydantic import Field
 
 from histobench.components import Aggregator, StrictOptions
+from histobench.lazy import lazy_attributes, torch_class
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -32,7 +32,7 @@ class MeanLinear(Aggregator):
         return _net_class()(in_dim, n_outputs, self.options.dropout)
 
 
-@functools.cache
+@torch_class
 def _net_class() -> type:
     import torch
     from torch import nn
@@ -52,12 +52,7 @@ def _net_class() -> type:
             pooled = torch.bmm(weights.unsqueeze(1), x.masked_fill(~mask.unsqueeze(-1), 0.0)).squeeze(1)
             return self.linear(self.dropout(pooled)), weights
 
-    MeanPoolLinear.__module__ = __name__
-    MeanPoolLinear.__qualname__ = "MeanPoolLinear"
     return MeanPoolLinear
 
 
-def __getattr__(name: str) -> Any:  # PEP 562: the module class exists (and pickles) once torch is wanted
-    if name == "MeanPoolLinear":
-        return _net_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, MeanPoolLinear=_net_class)  # pickles as {module}.MeanPoolLinear

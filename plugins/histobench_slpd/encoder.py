@@ -23,11 +23,12 @@ size directly, which gives the same grid.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pydantic import Field
 
 from histobench.components import Encoder, InputTransform, StrictOptions
+from histobench.lazy import lazy_attributes, torch_class
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -97,7 +98,7 @@ class HIPTRegionEncoder(Encoder):
         return module
 
 
-@functools.cache
+@torch_class
 def _module_class() -> type:
     import torch
     import torch.nn.functional as F
@@ -165,12 +166,7 @@ def _module_class() -> type:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.forward_tokens(x)[:, 0]
 
-    HIPTViT4K.__module__ = __name__
-    HIPTViT4K.__qualname__ = "HIPTViT4K"
     return HIPTViT4K
 
 
-def __getattr__(name: str) -> Any:  # PEP 562: the module class exists (and pickles) once torch is wanted
-    if name == "HIPTViT4K":
-        return _module_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, HIPTViT4K=_module_class)  # pickles as {module}.HIPTViT4K

@@ -17,7 +17,6 @@ model exactly (the classifier head is ignored).
 from __future__ import annotations
 
 import difflib
-import functools
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +25,7 @@ from pydantic import Field
 
 from histobench.components import Encoder, InputTransform, StrictOptions
 from histobench.errors import HistobenchError
+from histobench.lazy import lazy_attributes, torch_class
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -158,7 +158,7 @@ def _load_checkpoint(model, path: Path) -> None:
         raise HistobenchError(f"encoder checkpoint {path} does not match the model: {first}") from None
 
 
-@functools.cache
+@torch_class
 def _backbone_class() -> type:
     from torch import nn
 
@@ -196,12 +196,7 @@ def _backbone_class() -> type:
                 block.drop_path2 = DropPath(r) if r > 0 else nn.Identity()
             return True
 
-    TimmBackbone.__module__ = __name__
-    TimmBackbone.__qualname__ = "TimmBackbone"
     return TimmBackbone
 
 
-def __getattr__(name: str) -> Any:  # PEP 562: the module class exists (and pickles) once torch is wanted
-    if name == "TimmBackbone":
-        return _backbone_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, TimmBackbone=_backbone_class)  # pickles as {module}.TimmBackbone

@@ -14,7 +14,6 @@ class MaxPool(Aggregator):
         dropout: float = Field(0.0, ge=0, lt=1, description="Dropout before the linear layer.")
 
     def build(self, in_dim: int, n_outputs: int):
-        import torch
         from torch import nn
 
         dropout = self.options.dropout
