@@ -1,0 +1,51 @@
+"""The benchmark scripts run (``--quick``, CPU) and write the JSON their README describes.
+
+Smoke runs only: their numbers are not checked against targets here (speed is measured on a GPU by the
+scripts themselves, never by timed unit tests), but every reported rate must be a positive number.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / f"{script}.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--quick", "--device", "cpu",
+                           "--out", str(out), *args], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result == json.loads(proc.stdout[proc.stdout.index("{"):])  # printed and written alike
+    assert result["environment"]["device"] == "cpu" and result["commit"] and result["date"].startswith("20")
+    return result
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_pretrain_speed_quick(tmp_path):
+    r = _run("pretrain_speed", tmp_path)
+    assert r["setting"]["quick"] is True and r["target_ratio"] == 0.9
+    assert _positive(r["bare"]["images_per_second"]) and _positive(r["histobench"]["images_per_second"])
+    assert r["ratio"] == pytest.approx(r["histobench"]["images_per_second"] / r["bare"]["images_per_second"])
+
+
+def test_slpd_speed_quick(tmp_path):
+    r = _run("slpd_speed", tmp_path)
+    hb = r["histobench"]
+    assert r["setting"]["cohort"] == "8 slides x 8 regions (64)"
+    assert _positive(r["bare"]["regions_per_second"]) and _positive(hb["regions_per_second"])
+    assert _positive(hb["cluster_seconds"]) and 0 < hb["cluster_share_of_full_epoch"] < 1
+    assert hb["eligible_slides"] == 8  # every slide has >= n_min regions, so every slide was clustered
+    assert r["ratio"] == pytest.approx(hb["regions_per_second"] / r["bare"]["regions_per_second"])
