@@ -101,6 +101,17 @@ SCRIPT = textwrap.dedent('''
     data = Recording(BATCH * STEPS, 64, seed=0)
     res = trainer.pretrain(pre, enc, data, opts, out_dir=out / "pretrain", seed=0, device="cpu")
 
+    # SLPD across its warm-up boundary: epoch 0 is plain DINO, epoch 1 adds the prototype terms
+    from histobench_slpd.data import synthetic_grid_cohort
+
+    slpd = create("pretext", "slpd", {"warm_epoch": 0, "min_regions": 4, "n_prototypes": 2}, preset="demo")
+    region_enc = create("encoder", "hipt-vit4k", {"in_dim": 16}, preset="demo")
+    grids = synthetic_grid_cohort(n_slides=4, regions_per_slide=8, dim=16, grid=8, seed=0)
+    slpd_opts = type(slpd).train_options("demo", epochs=2, batch_size=BATCH, num_workers=0, steps_per_epoch=2,
+                                         warmup_epochs=0, checkpoint_every=0)
+    slpd_res = trainer.pretrain(slpd, region_enc, grids, slpd_opts, out_dir=out / "slpd", seed=0, device="cpu",
+                                resume=False)
+
     toy_opts = ToyPretext.train_options(None, epochs=1, batch_size=BATCH, num_workers=0, steps_per_epoch=STEPS,
                                         warmup_epochs=0, lr=0.05, weight_decay=0.0, weight_decay_end=0.0,
                                         clip_grad=0.0)
@@ -133,7 +144,9 @@ SCRIPT = textwrap.dedent('''
         "encoder_hash": weights_hash(res.encoder),
         "student_hash": weights_hash(pre.student),
         "losses": [h["loss"] for h in res.history],
-        "ddp_wraps": ddp_wraps, "toy_weights": toy_weights, "toy_start_weights": toy_start,
+        "ddp_wraps": ddp_wraps, "slpd_hash": weights_hash(slpd.student),
+        "slpd_losses": [h["loss"] for h in slpd_res.history],
+        "slpd_intra": [h["loss_intra"] for h in slpd_res.history], "toy_weights": toy_weights, "toy_start_weights": toy_start,
         "toy_single_weights": single_weights,
         "toy_losses": [h["loss"] for h in toy.history],
         "extracted": ex.extracted, "tiles": ex.tiles,
@@ -221,9 +234,19 @@ def test_training_goes_through_distributed_data_parallel(launched):
     out, proc = launched
     assert proc.returncode == 0, proc.stderr[-4000:]
     r0, r1 = _ranks(out)
-    # one DDP wrapper per training run on each rank: DINO declares a static graph; the toy pretext keeps the
-    # default (find unused parameters every step) and has one
-    assert r0["ddp_wraps"] == r1["ddp_wraps"] == ["static", "dynamic"]
+    # one DDP wrapper per training run on each rank: DINO and SLPD declare a static graph; the toy pretext
+    # keeps the default (find unused parameters every step) and has one
+    assert r0["ddp_wraps"] == r1["ddp_wraps"] == ["static", "static", "dynamic"]
+
+
+def test_slpd_ranks_stay_identical_across_the_warm_up_boundary(launched):
+    out, proc = launched
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = _ranks(out)
+    assert r0["slpd_hash"] == r1["slpd_hash"]
+    assert r0["slpd_losses"] == r1["slpd_losses"] and all(np.isfinite(r0["slpd_losses"]))
+    # epoch 0 (2 steps) is plain DINO; epoch 1 trains the prototype terms through the same DDP wrapper
+    assert r0["slpd_intra"][:2] == [0.0, 0.0] and all(v > 0 for v in r0["slpd_intra"][2:])
 
 
 def test_gradients_are_averaged_like_one_process_on_the_whole_batch(launched):

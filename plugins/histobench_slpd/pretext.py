@@ -51,6 +51,8 @@ class SLPD(Pretext):
     name = "slpd"
     requires = frozenset({"regions"})
     default_encoder = "hipt-vit4k"
+    # every step runs the whole student on every view; after the warm-up the prototype terms reuse its outputs
+    ddp_static_graph = True
     train_defaults = {
         "epochs": 100,
         "batch_size": 512,
