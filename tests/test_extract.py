@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -110,3 +112,117 @@ def test_reader_keeps_few_slides_open(slides):
     for i in range(len(ds)):
         ds[i]
     assert len(ds._handles) == 2
+
+
+def _cosines(a_dir, b_dir, slides):
+    out = []
+    for s in slides:
+        a, ca, _ = read_features(a_dir / f"{s.slide_id}.h5")
+        b, cb, _ = read_features(b_dir / f"{s.slide_id}.h5")
+        np.testing.assert_array_equal(ca, cb)
+        out.append((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))
+    return np.concatenate(out)
+
+
+def test_direct_jpeg_decode_gives_the_same_features(slides, encoder, tmp_path):
+    """decode="jpeg" (direct JPEG tiles, libjpeg-turbo in the workers) against decode="openslide": the pixels are
+    identical in this environment, so the features agree to float noise; cosine > 0.9999 allows a differently
+    built libjpeg (a pixel or two off)."""
+    from histobench.reporting import Reporter
+
+    enc, module = encoder
+    cmu = Path(__file__).parent / "data" / "slides" / "CMU-1-Small-Region.svs"
+    with open_slide(cmu) as s:
+        tiles = tile_slide(s, mpp=s.mpp * 8, tile_size=TILE, min_tissue=0.0)  # 256 px read, resized to 32
+    cohort = [*slides, SlideTiles("cmu", cmu, tiles)]
+    reporter = Reporter()
+    _extract(enc, module, cohort, tmp_path / "jpeg", decode="jpeg", num_workers=2, reporter=reporter)
+    _extract(enc, module, cohort, tmp_path / "openslide", decode="openslide")
+    cos = _cosines(tmp_path / "jpeg", tmp_path / "openslide", cohort)
+    assert len(cos) == sum(len(s.tiles) for s in cohort) and cos.min() > 0.9999
+    assert "direct JPEG-tile decoding for 4 of 4 slides" in reporter.messages
+
+
+def test_decode_auto_falls_back_for_ndpi_and_nvjpeg_needs_cuda(encoder, tmp_path):
+    from histobench.errors import HistobenchError
+    from histobench.reporting import Reporter
+
+    enc, module = encoder
+    ndpi = Path(__file__).parent / "data" / "slides" / "ndpi-fluorescence" / "test3-DAPI-2.ndpi"
+    with open_slide(ndpi) as s:
+        tiles = tile_slide(s, mpp=s.mpp * 4, tile_size=TILE, min_tissue=0.0)
+    cohort = [SlideTiles("ndpi", ndpi, tiles)]
+    reporter = Reporter()
+    _extract(enc, module, cohort, tmp_path / "auto", reporter=reporter)  # decode="auto"
+    _extract(enc, module, cohort, tmp_path / "openslide", decode="openslide")
+    assert _cosines(tmp_path / "auto", tmp_path / "openslide", cohort).min() > 0.99999
+    assert any(m.startswith("openslide decodes ndpi: hamamatsu") for m in reporter.messages)
+    with pytest.raises(HistobenchError, match="needs a CUDA device"):
+        _extract(enc, module, cohort, tmp_path / "nv", decode="nvjpeg")
+    with pytest.raises(HistobenchError, match="decode must be one of"):
+        _extract(enc, module, cohort, tmp_path / "nv", decode="pil")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_nvjpeg_extraction_matches_openslide(encoder, tmp_path):
+    from histobench.reporting import Reporter
+    from histobench.slides.synthetic import render_synthetic, write_tiff_pyramid
+
+    enc, module = encoder
+    rgb, _, _ = render_synthetic(class_index=0, n_classes=2, seed=5, size=(1024, 768), mpp=0.5)
+    path = tmp_path / "syn.tiff"
+    write_tiff_pyramid(path, rgb, mpp=0.5, tile=256)
+    with open_slide(path) as s:
+        tiles = tile_slide(s, mpp=0.5, tile_size=256, min_tissue=0.0)  # whole file tiles
+    cohort = [SlideTiles("syn", path, tiles)]
+    reporter = Reporter()
+    kw = {"encoder_name": "timm-test", "weights": weights_hash(module), "batch_size": 5, "num_workers": 2,
+          "device": "cuda"}
+    extract_features(module, enc.transform(), cohort, tmp_path / "nv", decode="nvjpeg", reporter=reporter, **kw)
+    extract_features(module, enc.transform(), cohort, tmp_path / "os", decode="openslide", **kw)
+    assert any("nvJPEG decodes" in m for m in reporter.messages)
+    assert not any("disagree" in m or "failed" in m for m in reporter.messages), reporter.messages
+    assert _cosines(tmp_path / "nv", tmp_path / "os", cohort).min() > 0.99
+
+
+def test_nvjpeg_plumbing_with_a_stand_in_decoder(monkeypatch, tmp_path):
+    """The GPU path's logic on the CPU: nvJPEG replaced by a CPU decoder (and by one that swaps colours, which
+    the agreement check must catch). nvJPEG itself is only exercised by the gpu-marked test."""
+    from histobench.pretrain.data import SlideTileDataset, collate_tiles
+    from histobench.reporting import Reporter
+    from histobench.slides import jpegtiles
+    from histobench.slides.synthetic import render_synthetic, write_tiff_pyramid
+
+    def stand_in(tiles, device, swap=False):
+        out = [torch.from_numpy(np.ascontiguousarray(jpegtiles.decode_cpu(t.numpy().tobytes()).transpose(2, 0, 1)))
+               if t.dim() == 1 else t for t in tiles]
+        out = [o.flip(0) if swap and t.dim() == 1 else o for o, t in zip(out, tiles)]
+        return torch.stack(out)
+
+    rgb, _, _ = render_synthetic(class_index=0, n_classes=2, seed=5, size=(768, 512), mpp=0.5)
+    path = tmp_path / "syn.tiff"
+    write_tiff_pyramid(path, rgb, mpp=0.5, tile=256)
+    with open_slide(path) as s:
+        whole = tile_slide(s, mpp=0.5, tile_size=256, min_tissue=0.0)
+        resized = tile_slide(s, mpp=1.0, tile_size=128, min_tissue=0.0)
+    cohort = [SlideTiles("whole", path, whole), SlideTiles("resized", path, resized)]
+
+    monkeypatch.setattr(jpegtiles, "decode_batch_cuda", stand_in)
+    reporter = Reporter()
+    assert extract_mod._dataset_mode("nvjpeg", True, cohort, reporter, "cpu") == ("jpeg-bytes", {0})
+    # "auto" keeps to the CPU decode until nvJPEG has been measured on a GPU
+    assert extract_mod._dataset_mode("auto", True, cohort, reporter, "cpu") == ("jpeg", set())
+    assert extract_mod._dataset_mode("auto", False, cohort, reporter, "cpu") == ("jpeg", set())
+    ds = SlideTileDataset(cohort[:1], decode="jpeg-bytes")
+    ds.stream_slides = {0}
+    tiles, _, _ = collate_tiles([ds[i] for i in range(len(ds))])
+    assert all(t.dim() == 1 for t in tiles)
+    batch = extract_mod._GpuDecoder("cpu", reporter)(tiles)
+    ref = SlideTileDataset(cohort[:1])
+    np.testing.assert_array_equal(batch.numpy(), torch.stack([ref[i][0] for i in range(len(ref))]).numpy())
+
+    monkeypatch.setattr(jpegtiles, "decode_batch_cuda", lambda t, d: stand_in(t, d, swap=True))
+    reporter = Reporter()
+    assert extract_mod._dataset_mode("nvjpeg", True, cohort, reporter, "cpu") == ("jpeg", set())
+    assert any("disagree on slide whole" in m for m in reporter.messages)

@@ -8,6 +8,11 @@ Each slide's features ``[N, D]`` are written to ``<slide_id>.h5`` atomically as 
 encoded; only the current slide's features are held in memory. Slides whose file is already complete (same
 encoder, weights hash, µm/px and tile size) are skipped; under ``torchrun`` slide ``i`` goes to rank
 ``i % world`` and each rank writes only its own slides.
+
+Decoding (``decode=``): openslide, or the direct JPEG-tile path of :mod:`histobench.slides.jpegtiles` (tiled JPEG
+TIFF slides: Aperio SVS, generic pyramidal TIFF) decoded with libjpeg-turbo in the workers, or, on CUDA, for
+slides whose tiles are exactly one file tile each, decoded in batches on the GPU with nvJPEG in the main
+process. Slides and reads the direct path cannot serve use openslide; the reasons are reported once.
 """
 
 from __future__ import annotations
@@ -22,9 +27,17 @@ import numpy as np
 from histobench import __version__
 from histobench.components import InputTransform
 from histobench.device import resolve_device
+from histobench.errors import HistobenchError
 from histobench.features.cache import is_complete, write_features
-from histobench.pretrain.data import SlideTileDataset, SlideTiles
+from histobench.pretrain.data import SlideTileDataset, SlideTiles, collate_tiles
 from histobench.reporting import Reporter
+
+DECODE_CHOICES = ("auto", "openslide", "jpeg", "nvjpeg")
+
+# nvJPEG and libjpeg-turbo may round the IDCT and chroma upsampling differently by a few levels; a stream decoded
+# in the wrong colour space differs by tens of levels on average. Above this mean absolute difference (uint8
+# levels) on a slide's first tile, that slide's tiles are decoded on the CPU (in the workers) instead.
+_NVJPEG_MAX_MEAN_DIFF = 3.0
 
 
 @dataclass
@@ -61,11 +74,20 @@ def extract_features(
     num_workers: int | None = None,
     device: str | None = None,
     reporter: Reporter | None = None,
+    decode: str = "auto",
 ) -> ExtractResult:
     """Encode every tile of ``slides`` into ``out_dir/<slide_id>.h5``.
 
     ``num_workers`` tile-decoding processes; ``None`` picks the CPU cores of this rank's share of the
     machine less one (at most 16): decoding, not the model, usually sets the pace.
+
+    ``decode``: ``"openslide"`` reads every tile with openslide; ``"jpeg"`` reads the JPEG tiles of eligible
+    slides directly and decodes them in the workers (the same libjpeg-turbo decoding as openslide's, so the same
+    pixels); ``"nvjpeg"`` (CUDA only) also sends the JPEG stream of each tile that is exactly one file tile
+    (``read_size == tile_size ==`` the file's tile size, on its grid) to the main process, which decodes a
+    batch of them at once on the GPU; ``"auto"`` (the default) is ``"jpeg"``: the nvJPEG path has not yet been
+    measured on a GPU, so it is only taken when asked for. Every mode falls back to openslide per slide (NDPI, DICOM,
+    non-JPEG or stripped levels, ...) and per tile (fractional level positions, missing tiles).
     """
     import time
 
@@ -75,6 +97,8 @@ def extract_features(
     from histobench.pretrain.trainer import init_distributed
 
     reporter = reporter or Reporter()
+    if decode not in DECODE_CHOICES:
+        raise HistobenchError(f"decode must be one of {', '.join(DECODE_CHOICES)}, got {decode!r}")
     rank, world = init_distributed()  # under torchrun: join the group (and pick this rank's GPU) if not yet done
     dev = resolve_device(device)
     encoder = encoder.to(dev).eval()
@@ -107,12 +131,18 @@ def extract_features(
 
     # One loader over every tile of every slide to do, in order: workers stay busy across slide boundaries,
     # and a slide's file is written as soon as its last tile is encoded.
-    dataset = SlideTileDataset(todo, max_open=2)
     cuda = dev.type == "cuda"
+    if decode == "nvjpeg" and not cuda:
+        raise HistobenchError(f"decode='nvjpeg' decodes on the GPU and needs a CUDA device, not {dev}")
+    mode, stream_slides = _dataset_mode(decode, cuda, todo, reporter, dev)
+    dataset = SlideTileDataset(todo, max_open=2, decode=mode)
+    dataset.stream_slides = stream_slides
+    nvjpeg = mode == "jpeg-bytes"
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
                                          pin_memory=cuda, prefetch_factor=4 if num_workers else None,
-                                         persistent_workers=False)
+                                         persistent_workers=False, collate_fn=collate_tiles if nvjpeg else None)
     copy_stream = torch.cuda.Stream(dev) if cuda else None
+    gpu_decode = _GpuDecoder(dev, reporter) if nvjpeg else None
     state = {"current": 0, "chunks": []}
 
     def consume(f, ready, slide_idx: np.ndarray) -> None:
@@ -128,7 +158,9 @@ def extract_features(
     pending = None
     with reporter.stage(f"extract {encoder_name}", total=n_tiles, unit="tiles") as st, torch.inference_mode():
         for images, slide_idx, _ in loader:
-            if cuda:
+            if gpu_decode is not None:  # a list of JPEG streams and pixel tiles, decoded on this (current) stream
+                x = gpu_decode(images)
+            elif cuda:
                 with torch.cuda.stream(copy_stream):
                     x = images.to(dev, non_blocking=True)
                 torch.cuda.current_stream(dev).wait_stream(copy_stream)
@@ -159,3 +191,87 @@ def extract_features(
         dist.barrier()
     rate = done_tiles / max(time.perf_counter() - t0, 1e-9)
     return ExtractResult(paths=paths, extracted=len(todo), skipped=skipped, tiles=done_tiles, tiles_per_second=rate)
+
+
+def _dataset_mode(decode: str, cuda: bool, slides: Sequence[SlideTiles], reporter: Reporter, dev=None) -> tuple[str, set[int]]:
+    """The :class:`SlideTileDataset` decode mode for ``extract_features(decode=...)`` and the slides whose tiles
+    go to nvJPEG as JPEG streams; reports, once, which slides openslide reads and why."""
+    if decode == "openslide" or not slides:
+        return "openslide", set()
+    probe = SlideTileDataset(slides, max_open=1, decode="jpeg")
+    checks = probe.check_jpeg()
+    by_reason: dict[str, list[str]] = {}
+    for s, (reason, _) in zip(slides, checks):
+        if reason is not None:
+            by_reason.setdefault(reason, []).append(s.slide_id)
+    direct = sum(reason is None for reason, _ in checks)
+    reporter.info(f"direct JPEG-tile decoding for {direct} of {len(slides)} slides")
+    for reason, ids in by_reason.items():
+        more = f" and {len(ids) - 3} more" if len(ids) > 3 else ""
+        reporter.info(f"openslide decodes {', '.join(ids[:3])}{more}: {reason}")
+    whole = [i for i, (_, w) in enumerate(checks) if w]
+    if cuda and decode == "nvjpeg" and whole:
+        streams = _nvjpeg_agreeing(slides, whole, dev, reporter)
+        if streams:
+            reporter.info(f"nvJPEG decodes the tiles of {len(streams)} slides on the GPU (whole file tiles)")
+            return "jpeg-bytes", streams
+    elif decode == "nvjpeg":
+        reporter.info("nvJPEG needs tiles that are whole file tiles (read size = tile size = file tile size, on "
+                      "the file's tile grid); no slide has them, so tiles are decoded on the CPU")
+    return "jpeg", set()
+
+
+def _nvjpeg_agreeing(slides: Sequence[SlideTiles], candidates: list[int], dev, reporter: Reporter) -> set[int]:
+    """The candidate slides whose first tile decodes on the GPU (nvJPEG) like on the CPU (libjpeg-turbo, as
+    openslide): mean absolute difference at most ``_NVJPEG_MAX_MEAN_DIFF``. The others are decoded on the CPU,
+    with a warning; if nvJPEG cannot decode at all (torchvision without it), none is sent to the GPU."""
+    import torch
+
+    from histobench.slides.jpegtiles import decode_batch_cuda, decode_cpu, open_jpeg_tiles
+    from histobench.slides.reader import open_slide
+
+    ok: set[int] = set()
+    for i in candidates:
+        s = slides[i]
+        with open_slide(s.path, mpp=s.mpp) as slide:
+            reader = open_jpeg_tiles(slide)
+            stream = reader.tile_jpeg(s.tiles, 0)
+            reader.close()
+        if stream is None:
+            continue
+        try:
+            gpu = decode_batch_cuda([torch.frombuffer(bytearray(stream), dtype=torch.uint8)], dev)[0].cpu()
+        except RuntimeError as exc:
+            reporter.warn(f"nvJPEG cannot decode ({exc}); JPEG tiles are decoded on the CPU")
+            return set()
+        cpu = torch.from_numpy(np.ascontiguousarray(decode_cpu(stream).transpose(2, 0, 1)))
+        diff = (gpu.int() - cpu.int()).abs().float().mean().item() if gpu.shape == cpu.shape else float("inf")
+        if diff <= _NVJPEG_MAX_MEAN_DIFF:
+            ok.add(i)
+        else:
+            reporter.warn(f"nvJPEG and libjpeg-turbo disagree on slide {s.slide_id} (mean |difference| {diff:.1f} "
+                          "levels); its tiles are decoded on the CPU")
+    return ok
+
+
+class _GpuDecoder:
+    """Batches from :func:`collate_tiles` -> uint8 ``[B, 3, S, S]`` on the GPU, JPEG streams decoded by nvJPEG
+    (pixel tiles copied). Should nvJPEG fail mid-run, the streams are decoded on the CPU here, with a warning."""
+
+    def __init__(self, dev, reporter: Reporter):
+        self.dev, self.reporter, self.gpu_ok = dev, reporter, True
+
+    def __call__(self, tiles: list):
+        import torch
+
+        from histobench.slides.jpegtiles import decode_batch_cuda, decode_cpu
+
+        if self.gpu_ok:
+            try:
+                return decode_batch_cuda(tiles, self.dev)
+            except RuntimeError as exc:
+                self.gpu_ok = False
+                self.reporter.warn(f"nvJPEG decoding failed ({exc}); decoding JPEG tiles on the CPU instead")
+        tiles = [torch.from_numpy(np.ascontiguousarray(decode_cpu(t.numpy().tobytes()).transpose(2, 0, 1)))
+                 if t.dim() == 1 else t for t in tiles]
+        return decode_batch_cuda(tiles, self.dev)

@@ -4,6 +4,11 @@
 handles. :func:`cache_uint8` decodes every tile once into a uint8 ``.npy`` file so that repeated epochs read
 memory instead of slides (:class:`ArrayTileDataset`). Both yield uint8 ``[3, S, S]`` tensors, the slide
 index and the tile index; augmentation and normalisation happen on the training device.
+
+``SlideTileDataset(decode="jpeg")`` reads the JPEG tiles of eligible TIFF-family slides directly
+(:mod:`histobench.slides.jpegtiles`) and everything else with openslide; ``decode="jpeg-bytes"`` hands out the
+compressed stream of tiles that are exactly one file tile (a 1-D uint8 tensor, to be decoded in a batch on the
+GPU; collate with :func:`collate_tiles`) and decoded pixels for the others.
 """
 
 from __future__ import annotations
@@ -35,21 +40,44 @@ def _import_torch():
     return torch
 
 
+DECODE_MODES = ("openslide", "jpeg", "jpeg-bytes")
+
+
 class SlideTileDataset:
     """All tiles of several slides, decoded on demand (a ``torch.utils.data.Dataset``).
 
     Each process (each DataLoader worker) opens its own slide handles and keeps at most ``max_open`` of
     them (least recently used closed first), so that memory does not grow with the number of slides;
     extraction reads slides in order and needs two.
+
+    ``decode`` chooses how tiles are decoded:
+
+    * ``"openslide"`` (the default): :func:`~histobench.slides.tiling.read_tile` through openslide;
+    * ``"jpeg"``: tiled JPEG TIFF slides (Aperio SVS, generic pyramidal TIFF) read their compressed tiles
+      directly and decode them with torchvision (:mod:`histobench.slides.jpegtiles`), with the same pixels as
+      openslide's libjpeg-turbo; other slides, and single reads the direct path cannot serve exactly, use
+      openslide;
+    * ``"jpeg-bytes"``: like ``"jpeg"``, but a tile that is exactly one file tile with no resize comes out as its
+      JPEG stream, a 1-D uint8 tensor, for batched GPU decoding (:func:`collate_tiles` keeps a batch as a list).
+
+    :meth:`check_jpeg` (main process) records which slides cannot use the direct path and why, so that workers
+    do not try them again.
     """
 
-    def __init__(self, slides: Sequence[SlideTiles], max_open: int = 32):
+    def __init__(self, slides: Sequence[SlideTiles], max_open: int = 32, decode: str = "openslide"):
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
         self.slides = list(slides)
         self.max_open = max(1, int(max_open))
+        self.decode = decode
         counts = [len(s.tiles) for s in self.slides]
         self.slide_index = np.repeat(np.arange(len(self.slides)), counts).astype(np.int64)
         self.tile_index = np.concatenate([np.arange(c) for c in counts]).astype(np.int64) if counts else np.zeros(0, np.int64)
+        self.jpeg_reasons: dict[int, str] = {}  # slide index -> why openslide reads it (known in advance)
+        self.fallbacks = 0  # tiles this process read with openslide although decode != "openslide"
+        self.stream_slides: set[int] | None = None  # "jpeg-bytes": the slides whose tiles may be streams (None: all)
         self._handles: OrderedDict[int, object] = OrderedDict()
+        self._readers: OrderedDict[int, object] = OrderedDict()
         self._pid = os.getpid()
 
     def __len__(self) -> int:
@@ -58,8 +86,7 @@ class SlideTileDataset:
     def _slide(self, i: int):
         from histobench.slides.reader import open_slide
 
-        if self._pid != os.getpid():  # forked into a worker: never share a handle across processes
-            self._handles, self._pid = OrderedDict(), os.getpid()
+        self._check_pid()
         if i in self._handles:
             self._handles.move_to_end(i)
         else:
@@ -72,22 +99,99 @@ class SlideTileDataset:
             self._handles[i] = open_slide(s.path, mpp=s.mpp)
         return self._handles[i]
 
+    def _check_pid(self) -> None:
+        if self._pid != os.getpid():  # forked into a worker: never share a handle across processes
+            self._handles, self._readers, self._pid = OrderedDict(), OrderedDict(), os.getpid()
+            self.fallbacks = 0
+
+    def _reader(self, i: int):
+        """The direct JPEG-tile reader of slide ``i`` in this process, or None when openslide reads it."""
+        from histobench.slides.jpegtiles import jpeg_tiles_or_reason
+
+        self._check_pid()
+        if i in self.jpeg_reasons:
+            return None
+        if i in self._readers:
+            self._readers.move_to_end(i)
+            return self._readers[i]
+        while len(self._readers) >= self.max_open:
+            _, old = self._readers.popitem(last=False)
+            if old is not None:
+                old.close()
+        reader, reason = jpeg_tiles_or_reason(self._slide(i))
+        if reader is None:
+            self.jpeg_reasons[i] = reason or "not eligible"
+        self._readers[i] = reader
+        return reader
+
+    def check_jpeg(self) -> list[tuple[str | None, bool]]:
+        """Per slide: why openslide reads it (a short reason, or None when its tiles are read directly), and
+        whether every tile is exactly one whole file tile with no resize (so that ``"jpeg-bytes"`` hands out
+        only JPEG streams for it).
+
+        Opens each slide once in this process; the reasons travel to the workers with the dataset.
+        """
+        from histobench.slides.jpegtiles import jpeg_tiles_or_reason
+        from histobench.slides.reader import open_slide
+
+        out: list[tuple[str | None, bool]] = []
+        for i, s in enumerate(self.slides):
+            whole = False
+            with open_slide(s.path, mpp=s.mpp) as slide:
+                reader, reason = jpeg_tiles_or_reason(slide)
+                if reader is not None:
+                    level = int(s.tiles.level)
+                    reason = reader.level_reason(level)
+                    if reason is None and len(s.tiles) and reader.level_position(
+                            *(int(v) for v in s.tiles.coords[0]), level) is None:
+                        reason = f"tiles do not start on whole pixels of level {level}"
+                    whole = reason is None and s.tiles.read_size == s.tiles.tile_size and reader.is_aligned(s.tiles)
+                    reader.close()
+            if reason is not None:
+                self.jpeg_reasons[i] = reason
+            out.append((reason, whole))
+        return out
+
     def read(self, idx: int) -> np.ndarray:
         """The uint8 ``[S, S, 3]`` tile ``idx``."""
         from histobench.slides.tiling import read_tile
 
         s = int(self.slide_index[idx])
-        return read_tile(self._slide(s), self.slides[s].tiles, int(self.tile_index[idx]))
+        tiles, t = self.slides[s].tiles, int(self.tile_index[idx])
+        if self.decode != "openslide":
+            reader = self._reader(s)
+            if reader is not None:
+                tile = reader.read_tile(tiles, t)
+                if tile is not None:
+                    return tile
+            self.fallbacks += 1
+        return read_tile(self._slide(s), tiles, t)
 
     def __getitem__(self, idx: int):
         torch = _import_torch()
+        s = int(self.slide_index[idx])
+        if self.decode == "jpeg-bytes" and (self.stream_slides is None or s in self.stream_slides):
+            reader = self._reader(s)
+            stream = reader.tile_jpeg(self.slides[s].tiles, int(self.tile_index[idx])) if reader is not None else None
+            if stream is not None:
+                return torch.frombuffer(bytearray(stream), dtype=torch.uint8), s, int(self.tile_index[idx])
         tile = self.read(idx)
         return torch.from_numpy(np.ascontiguousarray(tile.transpose(2, 0, 1))), int(self.slide_index[idx]), int(self.tile_index[idx])
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_handles"] = OrderedDict()
+        state["_handles"], state["_readers"] = OrderedDict(), OrderedDict()
         return state
+
+
+def collate_tiles(batch):
+    """Collate ``(tile, slide_idx, tile_idx)`` items whose tiles may be JPEG streams (1-D) or pixels (3-D):
+    ``(list of uint8 tensors, slide_idx int64 [B], tile_idx int64 [B])``."""
+    torch = _import_torch()
+    tiles = [b[0] for b in batch]
+    slide_idx = torch.tensor([b[1] for b in batch], dtype=torch.int64)
+    tile_idx = torch.tensor([b[2] for b in batch], dtype=torch.int64)
+    return tiles, slide_idx, tile_idx
 
 
 class ArrayTileDataset:

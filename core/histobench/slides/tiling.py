@@ -213,19 +213,25 @@ def tile_slide(
 
 def read_tile(slide: Slide, tileset: TileSet, i: int) -> np.ndarray:
     """Tile ``i`` of ``tileset`` as uint8 RGB [tile_size, tile_size, 3] at the tile set's µm/px."""
-    from PIL import Image
-
     n = len(tileset)
     if not -n <= i < n:
         raise IndexError(f"tile {i} out of range for {tileset.slide_id} ({n} tiles)")
     x, y = (int(v) for v in tileset.coords[i])
     rs = tileset.read_size
     region = slide.read_region(x, y, tileset.level, rs, rs)
-    ts = tileset.tile_size
-    if rs != ts:
-        method = Image.Resampling.BOX if rs > ts else Image.Resampling.BILINEAR
-        region = np.asarray(Image.fromarray(region).resize((ts, ts), method))
-    return region
+    return resize_tile(region, tileset.tile_size)
+
+
+def resize_tile(region: np.ndarray, tile_size: int) -> np.ndarray:
+    """A square uint8 RGB region resized to ``tile_size`` px as :func:`read_tile` does: PIL BOX when shrinking,
+    BILINEAR when enlarging, unchanged when already that size."""
+    from PIL import Image
+
+    rs = region.shape[1]
+    if rs == tile_size and region.shape[0] == tile_size:
+        return region
+    method = Image.Resampling.BOX if rs > tile_size else Image.Resampling.BILINEAR
+    return np.asarray(Image.fromarray(region).resize((tile_size, tile_size), method))
 
 
 def select_tiles(tileset: TileSet, max_tiles: int, seed: int) -> TileSet:
