@@ -49,3 +49,14 @@ def test_slpd_speed_quick(tmp_path):
     assert _positive(hb["cluster_seconds"]) and 0 < hb["cluster_share_of_full_epoch"] < 1
     assert hb["eligible_slides"] == 8  # every slide has >= n_min regions, so every slide was clustered
     assert r["ratio"] == pytest.approx(hb["regions_per_second"] / r["bare"]["regions_per_second"])
+
+
+def test_extract_speed_quick(tmp_path):
+    r = _run("extract_speed", tmp_path, "--slides-dir", str(tmp_path / "slides"))
+    assert r["setting"]["tiles"] == r["histobench"]["tiles"] == r["histobench_openslide"]["tiles"] > 0
+    assert r["clam_style"]["tiles"] == r["histobench"]["tiles"]
+    for key in ("encoder_only_tiles_per_second", "decode_ceiling_tiles_per_second",
+                "decode_ceiling_openslide_tiles_per_second"):
+        assert _positive(r[key]), key
+    assert r["ratio_vs_clam"] == pytest.approx(r["histobench"]["tiles_per_second"] / r["clam_style"]["tiles_per_second"])
+    assert r["ceiling_is"] in ("encoder", "cpu_decode") and r["aligned"] is None  # the nvJPEG section is CUDA-only
