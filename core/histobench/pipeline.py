@@ -232,7 +232,7 @@ def pretrain_stage(spec: RunSpec, comps: Components, slides, reporter: Reporter,
         data, data_key = grids
     else:
         capped = _cap(slides, train.max_tiles_per_slide, spec.seed)
-        dataset = SlideTileDataset(capped)
+        dataset = SlideTileDataset(capped, decode="jpeg")  # direct JPEG tiles where possible: openslide's pixels, faster
         data_key = _digest([(s.slide_id, s.tiles.key(), len(s.tiles)) for s in capped])
         cache = Path(spec.workdir) / "tilecache" / f"{data_key}.npy"
         rank, world = _rank()
