@@ -80,10 +80,3 @@ def test_help_lists_commands():
     for cmd in ("run", "pretrain", "extract", "evaluate", "leaderboard", "plugins", "pretexts", "tasks"):
         assert cmd in result.output
 
-
-def test_run_under_torchrun_points_to_the_single_stage_commands(tmp_path):
-    result = runner.invoke(build_app(), ["run", "--task", "tcga-nsclc", "--demo", "--workdir", str(tmp_path)],
-                           env={"COLUMNS": "400", "WORLD_SIZE": "2", "RANK": "1"})
-    assert result.exit_code == 2, result.output
-    assert "under torchrun, run `histobench pretrain`" in result.output
-    assert not any(tmp_path.iterdir())  # refused before anything is made

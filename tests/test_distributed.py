@@ -259,3 +259,31 @@ def test_gradients_are_averaged_like_one_process_on_the_whole_batch(launched):
     assert np.abs(two_ranks - start).max() > 1e-3  # it trained
     assert np.abs(two_ranks - one_process).max() < 1e-5
     assert len(r0["toy_losses"]) == STEPS and r0["toy_losses"][-1] < r0["toy_losses"][0]
+
+
+def test_histobench_run_under_torchrun(tmp_path):
+    """`torchrun -m histobench run`: both ranks pretrain and extract, rank 0 alone evaluates, logs and prints."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "histobench",
+         "run", "--pretext", "dino", "--task", "tcga-nsclc", "--demo", "--workdir", str(tmp_path / "work"),
+         "--tracking-uri", uri, "-o", "task.demo_patients=6", "-o", "task.demo_slide_px=1024", "-o", "task.folds=2",
+         "-o", "train.epochs=1", "-o", "train.batch_size=16", "-o", "eval.epochs=2"],
+        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("mean ± sd") == 1  # one result table: rank 0's
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("tcga-nsclc").experiment_id])
+    stages = sorted(r.data.tags["histobench.stage"] for r in runs)
+    assert stages == ["extract", "fold", "fold", "pretrain", "run"]  # logged once, by rank 0
+    manifest = (tmp_path / "work" / "demo" / "tcga-nsclc" / "manifest.csv").read_text().splitlines()[1:]
+    features = list((tmp_path / "work" / "features").glob("*/*.h5"))
+    assert len(features) == len(manifest)  # both ranks' shares of the slides were extracted
+    status = (tmp_path / "work" / "status.csv").read_text().splitlines()[1:]
+    assert len(status) == len(manifest)  # one tiling record per slide: rank 0 alone wrote the status file

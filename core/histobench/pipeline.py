@@ -109,11 +109,17 @@ def _digest(obj: Any) -> str:
 # --------------------------------------------------------------------------------------------- stages
 
 
+def _save_status(status, spec: RunSpec) -> None:
+    """Append the status records to ``WORKDIR/status.csv``; under ``torchrun`` rank 0 alone writes it."""
+    if _rank()[0] == 0:
+        status.save(Path(spec.workdir) / "status.csv")
+
+
 def _problem(spec: RunSpec, reporter: Reporter, status, slide_id: str, stage: str, reason: str) -> None:
     """Record one unusable slide; with ``--fail-fast`` stop on it (what is written stays written)."""
     status.add(slide_id, stage, "skipped", reason)
     if spec.fail_fast:
-        status.save(Path(spec.workdir) / "status.csv")
+        _save_status(status, spec)
         raise HistobenchError(f"slide {slide_id} ({stage}): {reason} (--fail-fast)")
     reporter.warn(f"slide {slide_id} ({stage}): {reason}")
 
@@ -179,7 +185,7 @@ def _tile_slides(spec: RunSpec, manifest, reporter: Reporter, status, stage: str
             else:
                 status.add(row.slide_id, stage, "ok", f"{len(tiles)} tiles")
                 slides.append(SlideTiles(row.slide_id, Path(row.path), tiles))
-    status.save(Path(spec.workdir) / "status.csv")
+    _save_status(status, spec)
     if not slides:
         raise HistobenchError(f"no slide of the cohort has tissue ({status.summary()})")
     return slides
@@ -479,18 +485,25 @@ def log_evaluation(tracker, spec: RunSpec, comps: Components, manifest, result, 
 
 
 def run(spec: RunSpec, reporter: Reporter | None = None) -> RunResult:
-    """The whole pipeline for one task and one pretext, logged as one MLflow parent run."""
+    """The whole pipeline for one task and one pretext, logged as one MLflow parent run.
+
+    Under ``torchrun`` every rank prepares the cohort, pretrains (DistributedDataParallel) and extracts (its
+    share of the slides); then rank 0 alone evaluates and logs to MLflow, and the other ranks return a
+    result without folds.
+    """
     from histobench.cohorts.status import StatusTable
+    from histobench.pretrain.trainer import init_distributed
     from histobench.tracking import Tracker
 
     reporter = reporter or Reporter()
     t0 = time.perf_counter()
+    rank, _ = init_distributed()
     comps = resolve(spec)
     if not spec.demo:  # a missing data root is a user mistake, not a failed run
         from histobench.cohorts.manifest import data_root
 
         data_root(spec.data_root)
-    tracker = Tracker(spec.tracking_uri, enabled=spec.track)
+    tracker = Tracker(spec.tracking_uri, enabled=spec.track and rank == 0)
     task = comps.task
     pretext_name = comps.pretext.name if comps.pretext else NO_PRETEXT
     run_name = f"{pretext_name}+{comps.encoder.name}+{comps.aggregator.name}" + ("-demo" if spec.demo else "")
@@ -527,6 +540,8 @@ def run(spec: RunSpec, reporter: Reporter | None = None) -> RunResult:
                                  "extract/slides_extracted": ext.extracted, "extract/slides_cached": ext.skipped})
             tracker.params({"encoder": comps.encoder.name, "weights_hash": w, "feature_dir": str(features.root)})
         tracker.tags({"histobench.weights_hash": w})
+        if rank != 0:  # every feature file is written (extraction ends on a barrier): rank 0 evaluates
+            return RunResult(None, [], {}, task.primary_metric, time.perf_counter() - t0, tracker.uri)
 
         result, splits = evaluate_stage(spec, comps, manifest, features, reporter)
         log_evaluation(tracker, spec, comps, manifest, result, splits, features.root, run_id,

@@ -60,17 +60,13 @@ def run_cmd(
 
     Example: histobench run --pretext dino --task tcga-nsclc --demo -o train.epochs=2
     """
-    import os
-
-    from histobench.errors import HistobenchError
     from histobench.pipeline import run
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise HistobenchError("histobench run is one process: under torchrun, run `histobench pretrain` (and "
-                              "`histobench extract`), then `histobench run` without torchrun reuses what they made")
     spec = _spec(task, pretext, encoder, aggregator, option, demo, seed, workdir, data_root, tracking_uri, device,
                  split=split, fail_fast=fail_fast, allow_leaky_splits=allow_leaky_splits)
     result = run(spec, reporter())
+    if not is_rank_zero():  # under torchrun rank 0 evaluates and reports
+        return
     print_result(result.per_fold, result.summary, result.primary_metric,
                  f"{task} · pretext {pretext} · {result.seconds:.0f} s")
     if result.run_id:
