@@ -26,7 +26,7 @@ import numpy as np
 
 from histobench import __version__
 from histobench.components import InputTransform
-from histobench.device import resolve_device
+from histobench.device import channels_last, resolve_device
 from histobench.errors import HistobenchError
 from histobench.features.cache import is_complete, write_features
 from histobench.pretrain.data import SlideTileDataset, SlideTiles, collate_tiles
@@ -101,7 +101,7 @@ def extract_features(
         raise HistobenchError(f"decode must be one of {', '.join(DECODE_CHOICES)}, got {decode!r}")
     rank, world = init_distributed()  # under torchrun: join the group (and pick this rank's GPU) if not yet done
     dev = resolve_device(device)
-    encoder = encoder.to(dev).eval()
+    encoder = channels_last(encoder.to(dev).eval(), dev)
     if num_workers is None:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         num_workers = max(1, min(16, (os.cpu_count() or 2) // max(local_world, 1) - 1))

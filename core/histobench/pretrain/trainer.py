@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from histobench.components import Encoder, PretrainContext, Pretext, TrainOptions
-from histobench.device import resolve_device
+from histobench.device import channels_last, resolve_device
 from histobench.errors import HistobenchError
 from histobench.pretrain.schedules import cosine_schedule
 from histobench.reporting import Reporter
@@ -223,7 +223,7 @@ def pretrain(
     total = steps_per_epoch * opts.epochs
 
     torch.manual_seed(seed)
-    encoder = encoder_component.build().to(dev)
+    encoder = channels_last(encoder_component.build().to(dev), dev)
     if opts.compile:
         # In place (nn.Module.compile): state-dict keys, attributes and deep copies (a teacher) stay as they are.
         encoder.compile()
