@@ -75,3 +75,59 @@ def finish(result: dict[str, Any], device, out: Path | None) -> dict[str, Any]:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n")
     return result
+
+
+def step_clock():
+    """A silent :class:`histobench.reporting.Reporter` that records the time of every progress step.
+
+    The trainer advances its progress bar once per step, so ``clock.ticks`` are step end times and
+    ``clock.timing(after)`` times the steps after the first ``after`` of them.
+    """
+    from histobench.reporting import Reporter
+
+    class StepClock(Reporter):
+        def __init__(self):
+            super().__init__()
+            self.ticks: list[float] = []
+
+        def _advance(self, stage, n):
+            self.ticks.append(time.perf_counter())
+
+        def timing(self, after: int) -> tuple[int, float]:
+            """``(steps, seconds)`` of the steps after the first ``after`` (timed from the end of step ``after``)."""
+            ticks = self.ticks[after - 1:] if after else self.ticks
+            return len(ticks) - 1, ticks[-1] - ticks[0]
+
+    return StepClock()
+
+
+def peak_memory(device) -> dict[str, float]:
+    """``{"max_memory_gb": ...}`` on CUDA (the allocator's peak since the last reset), else ``{}``."""
+    if device.type != "cuda":
+        return {}
+    import torch
+
+    return {"max_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+
+
+def bare_setup(pre, enc, a, device):
+    """A pretext set up outside the trainer for a bare-step baseline: its encoder built on ``device`` (compiled
+    with ``a.compile``), ``setup`` for ``a.warmup + a.steps`` steps, and an AdamW over its student modules
+    with the trainer's parameter groups (fused on CUDA). Returns ``(params, optimizer)``."""
+    import torch
+
+    from histobench.components import PretrainContext
+    from histobench.pretrain.trainer import _param_groups
+
+    torch.manual_seed(0)
+    encoder = enc.build().to(device)
+    if a.compile:
+        encoder.compile()
+    total = a.warmup + a.steps
+    pre.setup(encoder, PretrainContext(device=device, total_steps=total, steps_per_epoch=total, epochs=1,
+                                       batch_size=a.batch_size, encoder_component=enc))
+    groups = _param_groups(pre.student_modules())
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "apply_wd"} for g in groups], lr=1e-4,
+                            fused=device.type == "cuda")
+    return params, opt

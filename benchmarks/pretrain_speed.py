@@ -22,12 +22,11 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import finish, resolve_device, timed_steps  # noqa: E402
+from common import bare_setup, finish, peak_memory, resolve_device, step_clock, timed_steps  # noqa: E402
 
 
 def _components(a):
@@ -49,25 +48,12 @@ def bare_throughput(a, device) -> dict:
     """Images/s of the bare DINO step on random views already on the device."""
     import torch
 
-    from histobench.components import PretrainContext
-    from histobench.pretrain.trainer import _param_groups
-
     pre, enc = _components(a)
-    torch.manual_seed(0)
-    encoder = enc.build().to(device)
-    if a.compile:
-        encoder.compile()
-    total = a.warmup + a.steps
-    pre.setup(encoder, PretrainContext(device=device, total_steps=total, steps_per_epoch=total, epochs=1,
-                                       batch_size=a.batch_size, encoder_component=enc))
+    params, opt = bare_setup(pre, enc, a, device)
     o = pre.options
     sizes = [o.global_crop_size] * 2 + [o.local_crop_size] * o.n_local_crops
     g = torch.Generator(device=device).manual_seed(0)
     views = [torch.randn(a.batch_size, 3, s, s, device=device, generator=g) for s in sizes]
-    groups = _param_groups(pre.student_modules())
-    params = [p for grp in groups for p in grp["params"]]
-    opt = torch.optim.AdamW([{k: v for k, v in grp.items() if k != "apply_wd"} for grp in groups], lr=1e-4,
-                            fused=device.type == "cuda")
     bf16 = device.type == "cuda"
     teacher_params = list(pre.teacher.parameters())
     student_params = list(pre.student.parameters())
@@ -86,11 +72,7 @@ def bare_throughput(a, device) -> dict:
             torch._foreach_lerp_(teacher_params, [p.detach() for p in student_params], 1.0 - 0.996)
 
     per_step = timed_steps(step, device, a.warmup, a.steps)
-    out = {"images_per_second": a.batch_size / per_step, "seconds_per_step": per_step}
-    if device.type == "cuda":
-        out["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-
-    return out
+    return {"images_per_second": a.batch_size / per_step, "seconds_per_step": per_step, **peak_memory(device)}
 
 
 def histobench_throughput(a, device) -> dict:
@@ -99,15 +81,6 @@ def histobench_throughput(a, device) -> dict:
 
     from histobench.pretrain.data import SyntheticTileDataset
     from histobench.pretrain.trainer import pretrain
-    from histobench.reporting import Reporter
-
-    class Clock(Reporter):
-        def __init__(self):
-            super().__init__()
-            self.ticks = []
-
-        def _advance(self, stage, n):
-            self.ticks.append(time.perf_counter())
 
     pre, enc = _components(a)
     total = a.warmup + a.steps
@@ -118,16 +91,12 @@ def histobench_throughput(a, device) -> dict:
                                    compile=a.compile, precision="bf16" if device.type == "cuda" else "fp32")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    clock = Clock()
+    clock = step_clock()
     with tempfile.TemporaryDirectory() as tmp:
         pretrain(pre, enc, data, opts, out_dir=Path(tmp), seed=0, device=str(device), reporter=clock, resume=False)
-    ticks = clock.ticks[a.warmup - 1:] if a.warmup else clock.ticks
-    dt = ticks[-1] - ticks[0]
-    n_steps = len(ticks) - 1
-    out = {"images_per_second": a.batch_size * n_steps / dt, "seconds_per_step": dt / n_steps, "timed_steps": n_steps}
-    if device.type == "cuda":
-        out["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-    return out
+    n_steps, dt = clock.timing(a.warmup)
+    return {"images_per_second": a.batch_size * n_steps / dt, "seconds_per_step": dt / n_steps, "timed_steps": n_steps,
+            **peak_memory(device)}
 
 
 def main() -> None:

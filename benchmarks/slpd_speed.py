@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import finish, resolve_device, timed_steps  # noqa: E402
+from common import bare_setup, finish, peak_memory, resolve_device, step_clock, timed_steps  # noqa: E402
 
 # A few-second CPU smoke run of the script: small grids, model and head.
 QUICK = {"encoder": {"in_dim": 32, "dim": 32, "depth": 1, "num_heads": 2, "grid_size": 8, "pos_grid": 6},
@@ -62,26 +62,13 @@ def bare_throughput(a, device, data) -> dict:
     import numpy as np
     import torch
 
-    from histobench.components import PretrainContext
-    from histobench.pretrain.trainer import _param_groups
-
     pre, enc = _components(a)
-    torch.manual_seed(0)
-    encoder = enc.build().to(device)
-    if a.compile:
-        encoder.compile()
-    total = a.warmup + a.steps
-    pre.setup(encoder, PretrainContext(device=device, total_steps=total, steps_per_epoch=total, epochs=1,
-                                       batch_size=a.batch_size, encoder_component=enc))
+    params, opt = bare_setup(pre, enc, a, device)
     pre.on_epoch_start(1, data)  # prototypes and cross-slide targets, as from the second epoch on
     rows = np.random.default_rng(0).choice(len(data), size=a.batch_size, replace=False)
     batch = {"grids": data.grids[rows].to(device),
              "slide_index": torch.as_tensor(data.slide_index[rows], device=device),
              "tile_index": torch.as_tensor(data.region_index[rows], device=device)}
-    groups = _param_groups(pre.student_modules())
-    params = [p for g in groups for p in g["params"]]
-    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "apply_wd"} for g in groups], lr=1e-4,
-                            fused=device.type == "cuda")
     bf16 = device.type == "cuda"
     state = {"step": 0}
 
@@ -96,10 +83,7 @@ def bare_throughput(a, device, data) -> dict:
         state["step"] += 1
 
     per_step = timed_steps(step, device, a.warmup, a.steps)
-    out = {"regions_per_second": a.batch_size / per_step, "seconds_per_step": per_step}
-    if device.type == "cuda":
-        out["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-    return out
+    return {"regions_per_second": a.batch_size / per_step, "seconds_per_step": per_step, **peak_memory(device)}
 
 
 def histobench_throughput(a, device, data) -> dict:
@@ -107,15 +91,6 @@ def histobench_throughput(a, device, data) -> dict:
     import torch
 
     from histobench.pretrain.trainer import pretrain
-    from histobench.reporting import Reporter
-
-    class Clock(Reporter):
-        def __init__(self):
-            super().__init__()
-            self.ticks = []
-
-        def _advance(self, stage, n):
-            self.ticks.append(time.perf_counter())
 
     class Diagnostics:
         """The trainer's tracker interface, keeping the per-epoch metrics (clustering time among them)."""
@@ -134,16 +109,14 @@ def histobench_throughput(a, device, data) -> dict:
                                    compile=a.compile, precision="bf16" if device.type == "cuda" else "fp32")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    clock, diag = Clock(), Diagnostics()
+    clock, diag = step_clock(), Diagnostics()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         pretrain(pre, enc, data, opts, out_dir=Path(tmp), seed=0, device=str(device), reporter=clock, tracker=diag,
                  resume=False)
     wall = time.perf_counter() - t0
     # time the second epoch's steps after its own warm-up: prototype distillation is on, clustering excluded
-    ticks = clock.ticks[per_epoch + a.warmup - 1:] if a.warmup else clock.ticks[per_epoch:]
-    dt = ticks[-1] - ticks[0]
-    n_steps = len(ticks) - 1
+    n_steps, dt = clock.timing(per_epoch + max(a.warmup, 1))
     second = diag.epochs.get(1, {})
     cluster_s = float(second.get("epoch/cluster_seconds", float("nan")))
     step_s = dt / n_steps
@@ -152,9 +125,8 @@ def histobench_throughput(a, device, data) -> dict:
            "cluster_seconds": cluster_s, "steps_per_full_epoch": epoch_steps,
            "cluster_share_of_full_epoch": cluster_s / (cluster_s + epoch_steps * step_s),
            "wall_seconds_two_short_epochs": wall,
-           "eligible_slides": second.get("epoch/eligible_slides"), "nn_same_label": second.get("epoch/nn_same_label")}
-    if device.type == "cuda":
-        out["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+           "eligible_slides": second.get("epoch/eligible_slides"), "nn_same_label": second.get("epoch/nn_same_label"),
+           **peak_memory(device)}
     return out
 
 
