@@ -170,3 +170,32 @@ def test_grading_and_survival_demo_slides_tile_at_the_demo_preset(tmp_path):
         with open_slide(row.path) as s:
             tiles = tile_slide(s, mpp=o.mpp, tile_size=o.tile_size, min_tissue=o.min_tissue)
         assert len(tiles) >= 4, row.slide_id  # every grade, benign included, has tissue to tile (of 16)
+
+
+# ----------------------------------------------------------- demo cohort options
+
+
+def test_demo_signal_fraction_default_is_the_generator_default():
+    from histobench.slides import synthetic
+
+    task = create("task", "tcga-nsclc", preset="demo")
+    assert task.options.demo_signal_fraction == 0.35
+    assert task.options.demo_signal_fraction == \
+        synthetic.make_demo_cohort.__kwdefaults__["signal_fraction"]
+
+
+def test_demo_signal_fraction_reaches_the_cohort(tmp_path):
+    import json
+
+    from histobench.slides import synthetic
+
+    kw = {"demo_patients": 4, "demo_slide_px": 512}
+    digests = {}
+    for sf in (0.35, 0.1):
+        task = create("task", "tcga-nsclc", {**kw, "demo_signal_fraction": sf}, preset="demo")
+        out = tmp_path / f"sf{sf}"
+        df = task.demo_cohort(out, seed=0)
+        params = json.loads((out / "demo_params.json").read_text())
+        assert params["signal_fraction"] == sf
+        digests[sf] = synthetic.file_digest(df["path"].iloc[0])
+    assert digests[0.1] != digests[0.35]  # a smaller tumour region: other pixels

@@ -52,6 +52,9 @@ class SlideTask(Task):
                                                    "published split preset of the task (see the task's description).")
         demo_patients: int = Field(24, ge=4, description="Patients in the synthetic --demo cohort.")
         demo_slide_px: int = Field(2048, ge=512, description="Level-0 side of each synthetic demo slide (at 0.25 µm/px).")
+        demo_signal_fraction: float = Field(
+            0.35, gt=0, le=1, description="Share of the tissue of a synthetic subtyping demo slide that shows the "
+                                          "class morphology (smaller: a harder demo).")
 
     presets = {"demo": dict(DEMO_PRESET)}
 
@@ -117,7 +120,8 @@ class SlideTask(Task):
         elif self.task_kind == "survival":
             df = synthetic.make_survival_cohort(out_dir, **kw)
         else:
-            df = synthetic.make_demo_cohort(out_dir, classes=list(self.classes), **kw)
+            df = synthetic.make_demo_cohort(out_dir, classes=list(self.classes),
+                                            signal_fraction=self.options.demo_signal_fraction, **kw)
         df = df.copy()
         df["path"] = [str(p if Path(p).is_absolute() else Path(out_dir) / p) for p in df["path"]]
         return df
