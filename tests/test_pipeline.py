@@ -173,3 +173,22 @@ def test_single_stage_commands_take_the_region_path(tmp_path):
     assert "regions encoded" in ext.output
     # named after the pretraining, as `run` names it: a later `run` finds these features
     assert len(list((tmp_path / "work" / "features").glob(f"hipt-vit4k-{weights.parent.name}-*/*.h5"))) >= 1
+
+
+def test_regenerated_slides_are_tiled_and_extracted_again(tmp_path):
+    """Caches follow slide content: the same slide ids with other pixels (another demo signal fraction in the
+    same workdir) get new tiles and new features, and the unchanged cohort then reuses both."""
+    common = ["--task", "tcga-nsclc", "--demo", "--workdir", str(tmp_path / "work"), "-o", "task.demo_patients=4",
+              "-o", "task.demo_slide_px=1024"]
+
+    def extract(fraction):
+        result = runner.invoke(build_app(), ["extract", *common, "-o", f"task.demo_signal_fraction={fraction}"],
+                               env={"COLUMNS": "300"})
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    first = extract(0.35)
+    n = int(first.split(" slides extracted")[0].split()[-1])
+    assert n >= 4 and f"{n} slides extracted, 0 cached" in first
+    assert f"{n} slides extracted, 0 cached" in extract(0.1)  # new pixels under the same slide ids
+    assert f"0 slides extracted, {n} cached" in extract(0.1)

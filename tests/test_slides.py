@@ -450,3 +450,28 @@ def test_slides_cli_info_and_tile(tmp_path):
     assert "32 tiles of 256 px at 0.5 µm/px" in res.output and out.exists()
     res = runner.invoke(build_app(), ["slides", "info", str(tmp_path / "none.svs")])
     assert res.exit_code == 2 and "no such file" in res.output
+
+
+def test_slide_fingerprint_follows_content_not_name_or_time(tmp_path):
+    import shutil
+
+    from histobench.slides.tiling import slide_fingerprint
+
+    a, b = tmp_path / "a.tiff", tmp_path / "b.tiff"
+    write_synthetic_slide(a, class_index=0, n_classes=2, seed=1, size=(512, 512), mpp=0.5)
+    write_synthetic_slide(b, class_index=0, n_classes=2, seed=2, size=(512, 512), mpp=0.5)
+    copy = tmp_path / "copy" / "a.tiff"
+    copy.parent.mkdir()
+    shutil.copy(a, copy)  # new modification time, same bytes
+    assert slide_fingerprint(copy) == slide_fingerprint(a) != slide_fingerprint(b)
+    dicom = REAL / "CMU-1-Small-Region-dicom"
+    if dicom.is_dir():
+        assert len(slide_fingerprint(dicom)) == 16
+
+
+def test_tile_set_keeps_its_source_and_old_files_load_without_one(tmp_path):
+    ts = TileSet("s", np.zeros((2, 2)), 0, 64, 64, 1.0, np.ones(2), source="abc")
+    assert TileSet.load(ts.save(tmp_path / "t.npz")).source == "abc"
+    with np.load(tmp_path / "t.npz") as z:  # a tile file written before sources were recorded
+        np.savez(tmp_path / "old.npz", **{k: z[k] for k in z.files if k != "source"})
+    assert TileSet.load(tmp_path / "old.npz").source == ""

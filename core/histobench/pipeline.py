@@ -159,7 +159,7 @@ def _tile_slides(spec: RunSpec, manifest, reporter: Reporter, status, stage: str
     from histobench.cohorts.status import check_slide
     from histobench.pretrain.data import SlideTiles
     from histobench.slides.reader import open_slide
-    from histobench.slides.tiling import TileSet
+    from histobench.slides.tiling import TileSet, slide_fingerprint
 
     slides = []
     with reporter.stage(stage, total=len(manifest), unit="slides") as st:
@@ -167,15 +167,17 @@ def _tile_slides(spec: RunSpec, manifest, reporter: Reporter, status, stage: str
             path = out_dir / f"{row.slide_id}.npz"
             st.advance()
             try:
-                if path.exists():
-                    tiles = TileSet.load(path)
-                else:
+                # a cached tile set counts only for the same slide file (same content fingerprint)
+                source = slide_fingerprint(row.path) if Path(row.path).exists() else None
+                tiles = TileSet.load(path) if source and path.exists() else None
+                if tiles is None or tiles.source != source:
                     reason = check_slide(row)
                     if reason:
                         _problem(spec, reporter, status, row.slide_id, stage, reason)
                         continue
                     with open_slide(row.path) as slide:
                         tiles = make(slide)
+                    tiles.source = source
                     tiles.save(path)
             except HistobenchError as err:
                 _problem(spec, reporter, status, row.slide_id, stage, str(err))
@@ -239,7 +241,7 @@ def pretrain_stage(spec: RunSpec, comps: Components, slides, reporter: Reporter,
     else:
         capped = _cap(slides, train.max_tiles_per_slide, spec.seed)
         dataset = SlideTileDataset(capped, decode="jpeg")  # direct JPEG tiles where possible: openslide's pixels, faster
-        data_key = _digest([(s.slide_id, s.tiles.key(), len(s.tiles)) for s in capped])
+        data_key = _digest([(s.slide_id, s.tiles.key(), len(s.tiles), s.tiles.source) for s in capped])
         cache = Path(spec.workdir) / "tilecache" / f"{data_key}.npy"
         rank, world = _rank()
         if rank == 0:  # one rank decodes the cache; the others wait for it, then read the same file
@@ -364,7 +366,8 @@ def region_features(spec: RunSpec, comps: Components, encoder, regions, grids: d
     encoder = encoder.to(dev).eval()
     with reporter.stage(f"extract {comps.encoder.name}", total=len(regions), unit="slides") as st, torch.inference_mode():
         for r in regions:
-            attrs = {"encoder": name, "weights_hash": w, "mpp": o.patch_mpp, "tile_size": o.patch_px * o.grid_size}
+            attrs = {"encoder": name, "weights_hash": w, "mpp": o.patch_mpp, "tile_size": o.patch_px * o.grid_size,
+                     "slide_fingerprint": r.tiles.source}
             path = out / f"{r.slide_id}.h5"
             if not is_complete(path, attrs):
                 g = torch.as_tensor(grids[r.slide_id])

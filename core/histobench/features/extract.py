@@ -113,7 +113,8 @@ def extract_features(
     for i, s in enumerate(slides):
         path = out_dir / f"{s.slide_id}.h5"
         paths[s.slide_id] = path
-        attrs = {"encoder": encoder_name, "weights_hash": weights, "mpp": s.tiles.mpp, "tile_size": s.tiles.tile_size}
+        attrs = {"encoder": encoder_name, "weights_hash": weights, "mpp": s.tiles.mpp, "tile_size": s.tiles.tile_size,
+                 "slide_fingerprint": s.tiles.source}
         if is_complete(path, attrs):
             skipped += 1
         elif i % world == rank:
@@ -127,6 +128,7 @@ def extract_features(
         write_features(paths[slide.slide_id], features, slide.tiles.coords, {
             "encoder": encoder_name, "weights_hash": weights, "mpp": slide.tiles.mpp,
             "tile_size": slide.tiles.tile_size, "histobench_version": __version__, "slide_id": slide.slide_id,
+            "slide_fingerprint": slide.tiles.source,
         })
 
     # One loader over every tile of every slide to do, in order: workers stay busy across slide boundaries,

@@ -43,6 +43,7 @@ class TileSet:
     tissue_fraction: np.ndarray  # float32 [N]
     min_tissue: float = 0.5
     tile_size_level0: float = 0.0  # side of a tile in level-0 pixels (tile_size * mpp / slide mpp)
+    source: str = ""  # slide_fingerprint() of the file the tiles were computed on ("" if unknown)
 
     def __post_init__(self) -> None:
         self.coords = np.asarray(self.coords, dtype=np.int64).reshape(-1, 2)
@@ -83,6 +84,7 @@ class TileSet:
                     tissue_fraction=self.tissue_fraction,
                     min_tissue=np.float64(self.min_tissue),
                     tile_size_level0=np.float64(self.tile_size_level0),
+                    source=np.array(self.source),
                 )
             os.replace(tmp, path)
         except BaseException:
@@ -106,11 +108,37 @@ class TileSet:
                     tissue_fraction=z["tissue_fraction"],
                     min_tissue=float(z["min_tissue"]),
                     tile_size_level0=float(z["tile_size_level0"]),
+                    source=str(z["source"]) if "source" in z.files else "",
                 )
         except FileNotFoundError as exc:
             raise HistobenchError(f"tile file {path} does not exist") from exc
         except (KeyError, ValueError, OSError) as exc:
             raise HistobenchError(f"tile file {path} is unreadable or not a histobench tile set: {exc}") from exc
+
+
+def slide_fingerprint(path: str | os.PathLike[str]) -> str:
+    """A cheap content fingerprint of a slide file: its size and a hash of its first and last MiB.
+
+    Caches derived from a slide (tile sets, feature files) store it, so that a file replaced by other
+    content under the same name (a regenerated synthetic cohort, a re-scanned slide) is never served stale
+    tiles or features, while a copy of the same file (another mount, new modification time) still matches.
+    A DICOM folder is fingerprinted by its sorted files.
+    """
+    import hashlib
+
+    path = Path(path)
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    chunk = 1 << 20
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size};".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(chunk))
+            if size > chunk:
+                fh.seek(max(size - chunk, chunk))
+                h.update(fh.read(chunk))
+    return h.hexdigest()[:16]
 
 
 def choose_level(level_downsamples: tuple[float, ...] | list[float], scale: float) -> int:
