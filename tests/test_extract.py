@@ -80,29 +80,52 @@ def test_rerun_skips_and_new_weights_reextract(slides, encoder, tmp_path):
     assert read_features(tmp_path / "s0.h5")[2]["weights_hash"] == "0123456789abcdef"
 
 
-class _Boom:
-    def __array__(self, *args, **kwargs):
-        raise OSError("disk full")
-
-
 def test_crash_mid_write_leaves_no_partial_file(slides, encoder, tmp_path, monkeypatch):
     enc, module = encoder
-    real = extract_mod.write_features
-    calls = []
+    real = extract_mod.FeatureWriter.append
 
-    def crashing(path, features, coords, attrs):
-        calls.append(path.name)
-        if len(calls) == 2:  # the second slide's write dies after its file was opened
-            return real(path, _Boom(), coords, attrs)
-        return real(path, features, coords, attrs)
+    def crashing(self, features):
+        if self.path.name == "s1.h5" and self.pos > 0:  # the second slide dies part-way through its rows
+            raise OSError("disk full")
+        return real(self, features)
 
-    monkeypatch.setattr(extract_mod, "write_features", crashing)
+    monkeypatch.setattr(extract_mod.FeatureWriter, "append", crashing)
     with pytest.raises(OSError, match="disk full"):
-        _extract(enc, module, slides, tmp_path)
+        _extract(enc, module, slides, tmp_path, batch_size=4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s0.h5"]  # no s1.h5, no leftover temporary file
-    monkeypatch.setattr(extract_mod, "write_features", real)
+    monkeypatch.setattr(extract_mod.FeatureWriter, "append", real)
     res = _extract(enc, module, slides, tmp_path)
     assert (res.extracted, res.skipped) == (2, 1)
+
+
+def test_features_are_written_batch_by_batch(slides, encoder, tmp_path, monkeypatch):
+    """Memory does not grow with slide size: rows reach the file as their batch is encoded, never a whole slide."""
+    enc, module = encoder
+    real = extract_mod.FeatureWriter.append
+    rows: dict[str, list[int]] = {}
+
+    def recording(self, features):
+        rows.setdefault(self.path.stem, []).append(len(features))
+        return real(self, features)
+
+    monkeypatch.setattr(extract_mod.FeatureWriter, "append", recording)
+    _extract(enc, module, slides, tmp_path, batch_size=5)
+    for s in slides:
+        assert sum(rows[s.slide_id]) == len(s.tiles) and max(rows[s.slide_id]) <= 5
+        assert len(rows[s.slide_id]) >= len(s.tiles) // 5
+        assert read_features(tmp_path / f"{s.slide_id}.h5")[0].shape == (len(s.tiles), 32)
+
+
+def test_feature_writer_refuses_a_short_slide(tmp_path):
+    from histobench.features.cache import FeatureWriter
+
+    w = FeatureWriter(tmp_path / "s.h5", np.zeros((3, 2), np.int64), {"encoder": "x"})
+    w.append(np.ones((2, 4)))
+    with pytest.raises(ValueError, match="2 feature rows written for 3 tiles"):
+        w.close()
+    assert not list(tmp_path.iterdir())
+    empty = FeatureWriter(tmp_path / "e.h5", np.zeros((0, 2), np.int64), {"encoder": "x"})
+    assert read_features(empty.close())[0].shape == (0, 0)
 
 
 def test_reader_keeps_few_slides_open(slides):

@@ -55,6 +55,59 @@ def write_features(path: Path, features: np.ndarray, coords: np.ndarray, attrs: 
     return path
 
 
+class FeatureWriter:
+    """One slide's features written batch by batch, so that memory does not grow with the slide's size.
+
+    The file is built under a temporary name (``coords`` first, ``features [N, D]`` allocated at the first
+    batch) and renamed into place by :meth:`close` once all ``N`` rows are written, with its attributes: a
+    crash never leaves a half-written file under the real name. :meth:`abort` removes the temporary file.
+    """
+
+    def __init__(self, path: Path, coords: np.ndarray, attrs: Mapping[str, Any], dim: int | None = None):
+        import h5py
+
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.n, self.pos, self.attrs = len(coords), 0, dict(attrs)
+        self._file = h5py.File(self.tmp, "w")
+        self._file.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
+        self._features = None
+        if dim is not None and self.n == 0:
+            self._allocate(int(dim))
+
+    def _allocate(self, dim: int) -> None:
+        self._features = self._file.create_dataset("features", shape=(self.n, dim), dtype=np.float32,
+                                                   chunks=(min(max(self.n, 1), 1024), dim) if self.n else None)
+
+    def append(self, features: np.ndarray) -> None:
+        features = np.asarray(features, dtype=np.float32)
+        if self.pos + len(features) > self.n:
+            raise ValueError(f"{self.path.name}: {self.pos + len(features)} feature rows for {self.n} tiles")
+        if self._features is None:
+            self._allocate(features.shape[1])
+        self._features[self.pos:self.pos + len(features)] = features
+        self.pos += len(features)
+
+    def close(self) -> Path:
+        if self._features is None and self.n == 0:
+            self._allocate(0)  # a slide without tiles, of an encoder that does not state its width
+        if self.pos != self.n or self._features is None:
+            self.abort()
+            raise ValueError(f"{self.path.name}: {self.pos} feature rows written for {self.n} tiles")
+        for k, v in self.attrs.items():
+            self._file.attrs[k] = v
+        self._file.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self._file.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
 def read_features(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """``(features [N, D], coords [N, 2], attrs)`` of one file; also reads CLAM/TRIDENT files."""
     import h5py

@@ -4,8 +4,8 @@ Tiles are decoded in DataLoader workers (each with its own slide handles), colla
 memory, moved to the device, resized and normalised there, and encoded in batches under bf16 autocast on
 CUDA. On CUDA the loop runs one batch ahead: batch k+1 is copied on a side stream and its forward is queued
 before the features of batch k are read back, so the device never waits for the host between batches.
-Each slide's features ``[N, D]`` are written to ``<slide_id>.h5`` atomically as soon as its last tile is
-encoded; only the current slide's features are held in memory. Slides whose file is already complete (same
+Each slide's features ``[N, D]`` go to a temporary file batch by batch, renamed to ``<slide_id>.h5`` when
+its last tile is encoded: memory does not grow with slide size, and a crash leaves no partial file. Slides whose file is already complete (same
 encoder, weights hash, µm/px and tile size) are skipped; under ``torchrun`` slide ``i`` goes to rank
 ``i % world`` and each rank writes only its own slides.
 
@@ -28,7 +28,7 @@ from histobench import __version__
 from histobench.components import InputTransform
 from histobench.device import channels_last, resolve_device
 from histobench.errors import HistobenchError
-from histobench.features.cache import is_complete, write_features
+from histobench.features.cache import FeatureWriter, is_complete
 from histobench.pretrain.data import SlideTileDataset, SlideTiles, collate_tiles
 from histobench.reporting import Reporter
 
@@ -122,14 +122,12 @@ def extract_features(
     n_tiles = sum(len(s.tiles) for s in todo)
     t0, done_tiles = time.perf_counter(), 0
 
-    def flush(slide: SlideTiles, chunks: list[np.ndarray]) -> None:
-        dim = getattr(encoder, "embed_dim", 0)
-        features = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
-        write_features(paths[slide.slide_id], features, slide.tiles.coords, {
+    def writer(slide: SlideTiles) -> FeatureWriter:
+        return FeatureWriter(paths[slide.slide_id], slide.tiles.coords, {
             "encoder": encoder_name, "weights_hash": weights, "mpp": slide.tiles.mpp,
             "tile_size": slide.tiles.tile_size, "histobench_version": __version__, "slide_id": slide.slide_id,
             "slide_fingerprint": slide.tiles.source,
-        })
+        }, dim=getattr(encoder, "embed_dim", None))
 
     # One loader over every tile of every slide to do, in order: workers stay busy across slide boundaries,
     # and a slide's file is written as soon as its last tile is encoded.
@@ -145,7 +143,14 @@ def extract_features(
                                          persistent_workers=False, collate_fn=collate_tiles if nvjpeg else None)
     copy_stream = torch.cuda.Stream(dev) if cuda else None
     gpu_decode = _GpuDecoder(dev, reporter) if nvjpeg else None
-    state = {"current": 0, "chunks": []}
+    # The slide being written: its rows go to its file batch by batch (memory does not grow with slide size),
+    # and the file is renamed into place when the first tile of a later slide arrives (or at the end).
+    state: dict[str, Any] = {"current": 0, "writer": writer(todo[0]) if todo else None}
+
+    def next_slide() -> None:
+        state["writer"].close()
+        state["current"] += 1
+        state["writer"] = writer(todo[state["current"]]) if state["current"] < len(todo) else None
 
     def consume(f, ready, slide_idx: np.ndarray) -> None:
         if ready is not None:
@@ -153,12 +158,32 @@ def extract_features(
         f = f.numpy()
         for s_i in np.unique(slide_idx):
             while state["current"] < s_i:  # slides before s_i are complete (slides without tiles are written empty)
-                flush(todo[state["current"]], state["chunks"])
-                state["current"], state["chunks"] = state["current"] + 1, []
-            state["chunks"].append(f[slide_idx == s_i])
+                next_slide()
+            state["writer"].append(f[slide_idx == s_i])
 
-    pending = None
-    with reporter.stage(f"extract {encoder_name}", total=n_tiles, unit="tiles") as st, torch.inference_mode():
+    try:
+        done_tiles = _extract_batches(loader, encoder, transform, dev, use_bf16, copy_stream, gpu_decode, consume,
+                                      reporter.stage(f"extract {encoder_name}", total=n_tiles, unit="tiles"))
+        while state["current"] < len(todo):
+            next_slide()
+    except BaseException:
+        if state["writer"] is not None:
+            state["writer"].abort()  # the slide being written leaves no temporary file; finished ones stay
+        raise
+    if world > 1:
+        dist.barrier()
+    rate = done_tiles / max(time.perf_counter() - t0, 1e-9)
+    return ExtractResult(paths=paths, extracted=len(todo), skipped=skipped, tiles=done_tiles, tiles_per_second=rate)
+
+
+def _extract_batches(loader, encoder, transform, dev, use_bf16, copy_stream, gpu_decode, consume, stage) -> int:
+    """Encode every batch of ``loader``, one batch ahead on CUDA, handing features to ``consume``; returns the
+    number of tiles encoded."""
+    import torch
+
+    cuda = dev.type == "cuda"
+    pending, done = None, 0
+    with stage as st, torch.inference_mode():
         for images, slide_idx, _ in loader:
             if gpu_decode is not None:  # a list of JPEG streams and pixel tiles, decoded on this (current) stream
                 x = gpu_decode(images)
@@ -182,17 +207,11 @@ def extract_features(
                 consume(*pending)
                 st.advance(len(pending[2]))
             pending = (f, ready, slide_idx.numpy())
-            done_tiles += len(images)
+            done += len(slide_idx)
         if pending is not None:
             consume(*pending)
             st.advance(len(pending[2]))
-        while state["current"] < len(todo):
-            flush(todo[state["current"]], state["chunks"])
-            state["current"], state["chunks"] = state["current"] + 1, []
-    if world > 1:
-        dist.barrier()
-    rate = done_tiles / max(time.perf_counter() - t0, 1e-9)
-    return ExtractResult(paths=paths, extracted=len(todo), skipped=skipped, tiles=done_tiles, tiles_per_second=rate)
+    return done
 
 
 def _dataset_mode(decode: str, cuda: bool, slides: Sequence[SlideTiles], reporter: Reporter, dev=None) -> tuple[str, set[int]]:
