@@ -22,13 +22,7 @@ from histobench_mil.mean_linear import MeanLinear
 DIM = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models on a shared machine: one intra-op thread is several times faster than contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
 
 def synthetic_bags(n_bags: int, seed: int, signal: float = 2.0, fraction: float = 0.2):

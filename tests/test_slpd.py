@@ -18,13 +18,7 @@ from histobench_slpd.pretext import SLPD  # noqa: E402
 from histobench_slpd.views import SLPDGridViews, centre_crop  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared CPU: one intra-op thread is several times faster than oversubscribed threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,7 @@ from histobench.evaluate.survival import (bin_index, discrete_time_nll, fit_cox,
                                           risk_from_logits, time_bins)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models on a shared machine: one intra-op thread is several times faster than contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
 
 def cohort(rng, n, beta=1.0):
