@@ -44,9 +44,19 @@ def _binary_auc(positive: np.ndarray, score: np.ndarray) -> float:
     return float(u / (n_pos * n_neg))
 
 
-def _confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
-    """``[n_classes, n_classes]`` counts, rows = truth, columns = prediction."""
-    return np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int | None = None) -> np.ndarray | None:
+    """``[n, n]`` counts of class indices, rows = truth, columns = prediction; ``None`` without labels.
+
+    ``n`` is ``n_classes``, by default the largest index seen plus one.
+    """
+    y, p = _labels(y_true, y_pred)
+    if len(y) == 0:
+        return None
+    top = int(max(y.max(), p.max()))
+    n = int(n_classes) if n_classes is not None else top + 1
+    if top >= n:
+        raise ValueError(f"class index {top} is out of range for {n} classes")
+    return np.bincount(y * n + p, minlength=n * n).reshape(n, n)
 
 
 def _labels(*arrays: np.ndarray) -> list[np.ndarray]:
@@ -87,11 +97,9 @@ def macro_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
 
 def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Mean per-class recall over the classes present in ``y_true``."""
-    y, p = _labels(y_true, y_pred)
-    if len(y) == 0:
+    cm = confusion_matrix(y_true, y_pred)
+    if cm is None:
         return float("nan")
-    n = int(max(y.max(), p.max())) + 1
-    cm = _confusion(y, p, n)
     support = cm.sum(axis=1)
     present = support > 0
     return float(np.mean(np.diag(cm)[present] / support[present]))
@@ -99,11 +107,9 @@ def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 def weighted_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Per-class F1 averaged with weights equal to each class's support in ``y_true`` (0/0 counts as 0)."""
-    y, p = _labels(y_true, y_pred)
-    if len(y) == 0:
+    cm = confusion_matrix(y_true, y_pred)
+    if cm is None:
         return float("nan")
-    n = int(max(y.max(), p.max())) + 1
-    cm = _confusion(y, p, n)
     tp = np.diag(cm).astype(np.float64)
     support = cm.sum(axis=1).astype(np.float64)
     predicted = cm.sum(axis=0).astype(np.float64)
@@ -119,13 +125,11 @@ def quadratic_weighted_kappa(y_true: np.ndarray, y_pred: np.ndarray, n_classes: 
     distances (pass ``n_classes``; the default is the largest index seen plus one). ``nan`` when no
     disagreement is possible (all expected weight zero).
     """
-    y, p = _labels(y_true, y_pred)
-    if len(y) == 0:
+    cm = confusion_matrix(y_true, y_pred, n_classes)
+    if cm is None:
         return float("nan")
-    n = int(n_classes) if n_classes is not None else int(max(y.max(), p.max())) + 1
-    if max(y.max(), p.max()) >= n:
-        raise ValueError(f"class index {max(y.max(), p.max())} is out of range for {n} classes")
-    observed = _confusion(y, p, n).astype(np.float64)
+    n = len(cm)
+    observed = cm.astype(np.float64)
     expected = np.outer(observed.sum(axis=1), observed.sum(axis=0)) / observed.sum()
     grades = np.arange(n, dtype=np.float64)
     weights = (grades[:, None] - grades[None, :]) ** 2

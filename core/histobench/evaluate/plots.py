@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 import pandas as pd
 
+from histobench.evaluate.metrics import confusion_matrix
+
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
@@ -55,7 +57,8 @@ def plot_roc(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> "Figu
 def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> "Figure":
     """Confusion matrix (rows: truth, columns: prediction), counts annotated, colour = row share."""
     n = len(classes)
-    cm = np.bincount(np.asarray(y_true, int) * n + np.asarray(y_pred, int), minlength=n * n).reshape(n, n)
+    cm = confusion_matrix(y_true, y_pred, n)
+    cm = np.zeros((n, n), np.int64) if cm is None else cm
     share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     fig = _figure((1.2 + 0.6 * n, 1.0 + 0.6 * n))
     ax = fig.add_subplot()
