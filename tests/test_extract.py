@@ -237,8 +237,7 @@ def test_nvjpeg_plumbing_with_a_stand_in_decoder(monkeypatch, tmp_path):
     # "auto" keeps to the CPU decode until nvJPEG has been measured on a GPU
     assert extract_mod._dataset_mode("auto", True, cohort, reporter, "cpu") == ("jpeg", set())
     assert extract_mod._dataset_mode("auto", False, cohort, reporter, "cpu") == ("jpeg", set())
-    ds = SlideTileDataset(cohort[:1], decode="jpeg-bytes")
-    ds.stream_slides = {0}
+    ds = SlideTileDataset(cohort[:1], decode="jpeg-bytes", stream_slides={0})
     tiles, _, _ = collate_tiles([ds[i] for i in range(len(ds))])
     assert all(t.dim() == 1 for t in tiles)
     batch = extract_mod._GpuDecoder("cpu", reporter)(tiles)

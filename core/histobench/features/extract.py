@@ -134,9 +134,9 @@ def extract_features(
     cuda = dev.type == "cuda"
     if decode == "nvjpeg" and not cuda:
         raise HistobenchError(f"decode='nvjpeg' decodes on the GPU and needs a CUDA device, not {dev}")
-    mode, stream_slides = _dataset_mode(decode, cuda, todo, reporter, dev)
-    dataset = SlideTileDataset(todo, max_open=2, decode=mode)
-    dataset.stream_slides = stream_slides
+    reasons: dict[int, str] = {}
+    mode, stream_slides = _dataset_mode(decode, cuda, todo, reporter, dev, reasons)
+    dataset = SlideTileDataset(todo, max_open=2, decode=mode, stream_slides=stream_slides, jpeg_reasons=reasons)
     nvjpeg = mode == "jpeg-bytes"
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
                                          pin_memory=cuda, prefetch_factor=4 if num_workers else None,
@@ -214,13 +214,17 @@ def _extract_batches(loader, encoder, transform, dev, use_bf16, copy_stream, gpu
     return done
 
 
-def _dataset_mode(decode: str, cuda: bool, slides: Sequence[SlideTiles], reporter: Reporter, dev=None) -> tuple[str, set[int]]:
+def _dataset_mode(decode: str, cuda: bool, slides: Sequence[SlideTiles], reporter: Reporter, dev=None,
+                  reasons: dict[int, str] | None = None) -> tuple[str, set[int]]:
     """The :class:`SlideTileDataset` decode mode for ``extract_features(decode=...)`` and the slides whose tiles
-    go to nvJPEG as JPEG streams; reports, once, which slides openslide reads and why."""
+    go to nvJPEG as JPEG streams; reports, once, which slides openslide reads and why, and puts those reasons
+    into ``reasons`` (slide index -> reason) so that the extraction dataset does not probe them again."""
     if decode == "openslide" or not slides:
         return "openslide", set()
     probe = SlideTileDataset(slides, max_open=1, decode="jpeg")
     checks = probe.check_jpeg()
+    if reasons is not None:
+        reasons.update(probe.jpeg_reasons)
     by_reason: dict[str, list[str]] = {}
     for s, (reason, _) in zip(slides, checks):
         if reason is not None:

@@ -64,7 +64,8 @@ class SlideTileDataset:
     do not try them again.
     """
 
-    def __init__(self, slides: Sequence[SlideTiles], max_open: int = 32, decode: str = "openslide"):
+    def __init__(self, slides: Sequence[SlideTiles], max_open: int = 32, decode: str = "openslide",
+                 stream_slides: set[int] | None = None, jpeg_reasons: dict[int, str] | None = None):
         if decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
         self.slides = list(slides)
@@ -73,9 +74,10 @@ class SlideTileDataset:
         counts = [len(s.tiles) for s in self.slides]
         self.slide_index = np.repeat(np.arange(len(self.slides)), counts).astype(np.int64)
         self.tile_index = np.concatenate([np.arange(c) for c in counts]).astype(np.int64) if counts else np.zeros(0, np.int64)
-        self.jpeg_reasons: dict[int, str] = {}  # slide index -> why openslide reads it (known in advance)
+        # slide index -> why openslide reads it (known in advance, e.g. from check_jpeg on another dataset)
+        self.jpeg_reasons: dict[int, str] = dict(jpeg_reasons or {})
         self.fallbacks = 0  # tiles this process read with openslide although decode != "openslide"
-        self.stream_slides: set[int] | None = None  # "jpeg-bytes": the slides whose tiles may be streams (None: all)
+        self.stream_slides = stream_slides  # "jpeg-bytes": the slides whose tiles may be streams (None: all)
         self._handles: OrderedDict[int, object] = OrderedDict()
         self._readers: OrderedDict[int, object] = OrderedDict()
         self._pid = os.getpid()
