@@ -120,7 +120,7 @@ def extract_features(
         elif i % world == rank:
             todo.append(s)
     n_tiles = sum(len(s.tiles) for s in todo)
-    t0, done_tiles = time.perf_counter(), 0
+    t0 = time.perf_counter()
 
     def writer(slide: SlideTiles) -> FeatureWriter:
         return FeatureWriter(paths[slide.slide_id], slide.tiles.coords, {

@@ -25,6 +25,7 @@ identical weights: the pretext's whole state (teacher and centres included) is b
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from dataclasses import dataclass, field
@@ -136,20 +137,17 @@ def _data_parallel_step(pretext: Pretext, modules: dict[str, Any], dev):
         def forward(self, batch, step):
             return pretext.training_step(batch, step)
 
-    if not any(p.requires_grad for p in _StepModule().parameters()):
+    step_module = _StepModule()
+    if not any(p.requires_grad for p in step_module.parameters()):
         raise HistobenchError(f"pretext {pretext.name!r} has no trainable parameters in student_modules()")
-    import inspect
-
-    static = bool(getattr(pretext, "ddp_static_graph", False))
-    kwargs: dict[str, Any] = {"static_graph": True} if static else {"find_unused_parameters": True}
+    kwargs: dict[str, Any] = {"static_graph": True} if pretext.ddp_static_graph else {"find_unused_parameters": True}
     # Buffers start identical (rank-0 broadcast) and are never trained: no per-forward buffer sync.
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
         kwargs["forward_sync_buffers"] = False
     else:
         kwargs["broadcast_buffers"] = False
     device_ids = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else None
-    wrapped = DistributedDataParallel(_StepModule(), device_ids=device_ids, **kwargs)
-    return wrapped
+    return DistributedDataParallel(step_module, device_ids=device_ids, **kwargs)
 
 
 def _broadcast_state(obj: Any) -> None:
