@@ -37,22 +37,15 @@ def cache_key(encoder: str, weights: str, mpp: float, tile_size: int) -> str:
 
 
 def write_features(path: Path, features: np.ndarray, coords: np.ndarray, attrs: Mapping[str, Any]) -> Path:
-    """Write one slide's features atomically."""
-    import h5py
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    """Write one slide's features atomically (all rows at once, through :class:`FeatureWriter`)."""
+    features = np.asarray(features, dtype=np.float32)
+    writer = FeatureWriter(path, coords, attrs, dim=features.shape[1] if features.ndim == 2 else None)
     try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("features", data=np.asarray(features, dtype=np.float32))
-            f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
-            for k, v in attrs.items():
-                f.attrs[k] = v
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # a failed write leaves nothing behind, not even the temporary file
-    return path
+        writer.append(features)
+    except BaseException:
+        writer.abort()  # a failed write leaves nothing behind, not even the temporary file
+        raise
+    return writer.close()
 
 
 class FeatureWriter:
