@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
     import pandas as pd
     import torch
     from torch import nn
@@ -253,21 +254,127 @@ class Task(Component):
 # ------------------------------------------------------------------------------------ segmenters, text
 
 
+@dataclass(frozen=True)
+class TileRef:
+    """Where a tile comes from: what a segmenter may need besides its pixels (e.g. the ``oracle`` segmenter
+    reads the synthetic slide's true maps at ``(x, y)``). Coordinates are level-0 pixels of the slide."""
+
+    slide_id: str
+    path: Path
+    x: int
+    y: int
+    level: int
+    read_size: int
+    tile_size: int
+    mpp: float
+
+
 class Segmenter(Component):
-    """A nuclei segmenter: ``segment(tile uint8 [H, W, 3]) -> (instances int32 [H, W], types or None)``."""
+    """A nuclei segmenter: ``segment(tile uint8 [H, W, 3], ref) -> (instances [H, W], types [H, W] or None)``.
+
+    ``instances`` labels each nucleus with a positive integer (0 = no nucleus; at most 65535 per tile, the
+    cache stores uint16); ``types`` gives a class per pixel where the segmenter knows cell types (HoVer-Net,
+    the synthetic ``oracle``), else ``None``. ``setup()`` runs once per worker process before the first tile
+    (load weights there). ``version`` is part of the segmentation cache key together with the options: bump it
+    when the output of the same options changes. ``own_process``: run in a fresh worker process, never in the
+    one that imported torch (TensorFlow next to torch's triton can crash). ``input_mpp``: µm/px the segmenter
+    was made for (informational; segmenters rescale themselves with their own options).
+    """
 
     kind = "segmenter"
+    version: ClassVar[str] = "1"
+    own_process: ClassVar[bool] = False
 
-    def segment(self, tile: Any) -> tuple[Any, Any | None]:
+    def setup(self) -> None:
+        return None
+
+    def segment(self, tile: "np.ndarray", ref: TileRef | None = None) -> tuple["np.ndarray", "np.ndarray | None"]:
         raise NotImplementedError
+
+    def identity(self) -> str:
+        """Name, version and every option: what the segmentation cache is keyed by (besides the tiles)."""
+        import hashlib
+        import json
+
+        opts = json.dumps(self.options.model_dump(mode="json"), sort_keys=True)
+        return f"{self.name}-v{self.version}-{hashlib.sha256(opts.encode()).hexdigest()[:10]}"
 
 
 class TextEncoder(Component):
-    """A text encoder: ``build()`` returns a module whose ``encode(list[str])`` gives ``[N, D]``."""
+    """A text encoder: ``encode(list[str]) -> float [N, dim]`` with unit-norm rows (a torch tensor on the CPU).
+
+    ``dim`` is the output width; ``identity()`` a string naming the model and its weights (text banks are
+    cached per (descriptions, identity)); ``shares_image_space`` is True when the encoder's space is the one an
+    image tower of the same model embeds into (CLIP-style), so that text-initialised heads mean something
+    without an adapter; ``max_tokens`` is the longest input (in the encoder's own tokens) or ``None``, and
+    ``count_tokens(text)`` counts them. Models are loaded lazily on the first ``encode``.
+    """
 
     kind = "text_encoder"
+    shares_image_space: ClassVar[bool] = False
 
-    def build(self) -> "nn.Module":
+    @property
+    def dim(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def max_tokens(self) -> int | None:
+        return None
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    def identity(self) -> str:
+        import hashlib
+        import json
+
+        opts = json.dumps(self.options.model_dump(mode="json"), sort_keys=True)
+        return f"{self.name}-{hashlib.sha256(opts.encode()).hexdigest()[:10]}"
+
+    def encode(self, texts: list[str]) -> "torch.Tensor":
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------------------ protocols
+
+
+class Protocol(Component):
+    """A named evaluation protocol: how a task's slides are turned into metrics over fixed folds.
+
+    ``inputs`` says what it needs: ``{"features"}`` (cached per-slide features; the default ``frozen-mil``)
+    or ``{"tiles", "encoder"}`` (the slides' tiles plus the encoder, for protocols that train or re-extract
+    the encoder inside each fold). ``evaluate(inputs)`` receives a
+    :class:`histobench.evaluate.protocols.ProtocolInputs` and returns an
+    :class:`histobench.evaluate.protocol.EvalResult`; the splits (made before pretraining) and the
+    evaluation policy are the core's, so a protocol never draws its own folds or computes its own metrics.
+    Its ``Options`` are set with ``-o eval.NAME=VALUE`` next to the shared evaluation policy's fields.
+    """
+
+    kind = "protocol"
+    inputs: ClassVar[frozenset[str]] = frozenset({"features"})
+
+    def evaluate(self, inputs: Any) -> Any:
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------------------- analyses
+
+
+class Analysis(Component):
+    """An analysis of trained encoders on a fixed held-out tile set (``histobench analyze NAME``).
+
+    ``run(inputs)`` receives a :class:`histobench.analyze.AnalysisInputs` (the encoders, each with a label and
+    where it came from, the fixed tile set, an output folder) and returns an
+    :class:`histobench.analyze.AnalysisResult`: flat metrics, a JSON-able report, and the files it wrote
+    (plots, CSVs). ``min_encoders``/``max_encoders`` bound how many encoders it compares. The core logs the
+    result as an MLflow run linked to the runs it analysed.
+    """
+
+    kind = "analysis"
+    min_encoders: ClassVar[int] = 1
+    max_encoders: ClassVar[int | None] = None
+
+    def run(self, inputs: Any) -> Any:
         raise NotImplementedError
 
 
@@ -278,6 +385,8 @@ BASES: dict[str, type[Component]] = {
     "task": Task,
     "segmenter": Segmenter,
     "text_encoder": TextEncoder,
+    "protocol": Protocol,
+    "analysis": Analysis,
 }
 HOOKS: dict[str, str] = {
     "encoder": "register_encoders",
@@ -286,4 +395,6 @@ HOOKS: dict[str, str] = {
     "task": "register_tasks",
     "segmenter": "register_segmenters",
     "text_encoder": "register_text_encoders",
+    "protocol": "register_protocols",
+    "analysis": "register_analyses",
 }

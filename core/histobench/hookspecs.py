@@ -68,6 +68,22 @@ def register_text_encoders(register: Register) -> None:
 
 
 @hookspec
+def register_protocols(register: Register) -> None:
+    """Register named evaluation protocols (subclasses of :class:`histobench.components.Protocol`).
+
+    :param register: call ``register(ProtocolClass)`` once per protocol.
+    """
+
+
+@hookspec
+def register_analyses(register: Register) -> None:
+    """Register analyses of trained encoders (subclasses of :class:`histobench.components.Analysis`).
+
+    :param register: call ``register(AnalysisClass)`` once per analysis.
+    """
+
+
+@hookspec
 def register_commands(app: "typer.Typer") -> None:
     """Add commands to the CLI.
 

@@ -16,6 +16,8 @@ KIND_COMMANDS = {
     "tasks": "task",
     "segmenters": "segmenter",
     "text-encoders": "text_encoder",
+    "protocols": "protocol",
+    "analyses": "analysis",
 }
 
 
