@@ -1,7 +1,14 @@
 import os
 
-# Hermetic runs: only the built-in plugins, no network, MLflow never in the working directory.
-os.environ.setdefault("HISTOBENCH_LOAD_PLUGINS", "timm,dino,mil,tcga,slpd")
+import tomllib
+from pathlib import Path
+
+# Hermetic runs: every plugin that histobench's own distribution names in its entry-point group (so a new
+# built-in plugin is loaded, and contract-checked, without anyone editing a list), nothing else installed on the
+# machine; no network; MLflow never in the working directory.
+_PYPROJECT = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+BUILTIN_PLUGINS = sorted(_PYPROJECT["project"]["entry-points"]["histobench"])
+os.environ.setdefault("HISTOBENCH_LOAD_PLUGINS", ",".join(BUILTIN_PLUGINS))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 

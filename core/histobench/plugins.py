@@ -7,7 +7,8 @@ Environment variables:
 ``HISTOBENCH_DISABLE_PLUGINS``
     Comma-separated entry-point names that are never loaded (``set_blocked``).
 ``HISTOBENCH_LOAD_PLUGINS``
-    If set, only these entry-point names are loaded; an empty value loads none.
+    If set, only these entry-point names are loaded, plus ``core`` (histobench's own protocols, segmenters,
+    text encoders and analyses), which is always loaded unless disabled; an empty value loads only ``core``.
 ``HISTOBENCH_TRACE_PLUGINS``
     If set, every hook call is printed with its implementations and results.
 """
@@ -23,6 +24,7 @@ from histobench import hookspecs
 from histobench.errors import HistobenchError
 
 GROUP = "histobench"
+CORE = "core"  # the entry point of histobench.builtin
 
 pm = pluggy.PluginManager(GROUP)
 pm.add_hookspecs(hookspecs)
@@ -50,7 +52,7 @@ def load_plugins() -> pluggy.PluginManager:
         if allow is None:
             pm.load_setuptools_entrypoints(GROUP)
         else:
-            for name in allow:
+            for name in dict.fromkeys([CORE, *allow]):
                 pm.load_setuptools_entrypoints(GROUP, name=name)
         pm.check_pending()
     except pluggy.PluginValidationError as err:

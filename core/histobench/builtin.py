@@ -1,0 +1,16 @@
+"""histobench's own components, registered through the same entry point group as every plugin (``core``).
+
+The named evaluation protocols, the synthetic ``oracle`` segmenter, the dependency-free ``hashing`` text
+encoder and the core analyses live in the core because every method shares them; this module only registers
+them. It is always loaded, also when ``HISTOBENCH_LOAD_PLUGINS`` names other plugins only (``run`` needs a
+protocol), unless ``HISTOBENCH_DISABLE_PLUGINS`` names ``core``.
+"""
+
+from histobench import hookimpl
+
+
+@hookimpl
+def register_protocols(register):
+    from histobench.evaluate.protocols import FrozenMIL
+
+    register(FrozenMIL)
