@@ -73,17 +73,42 @@ class InputTransform:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
+@dataclass(frozen=True)
+class GridGeometry:
+    """What a ``grid`` (region) encoder reads: regions of ``grid x grid`` patches of ``patch_px`` pixels at
+    ``patch_mpp`` µm/px (regions with at least ``min_tissue`` tissue), each patch embedded by the frozen patch
+    encoder ``patch_encoder`` (a registered encoder name, with ``patch_encoder_options`` over its
+    ``patch_encoder_preset``) into ``in_dim`` features; ``patch_pretext`` (a pretext name, or ``none``)
+    pretrains that patch encoder first, in the same run."""
+
+    patch_mpp: float
+    patch_px: int
+    grid: int
+    min_tissue: float
+    in_dim: int
+    patch_encoder: str = "timm"
+    patch_encoder_options: dict = field(default_factory=dict)
+    patch_encoder_preset: str | None = None
+    patch_pretext: str = "none"
+
+
 class Encoder(Component):
     """A patch or region encoder.
 
     ``build()`` returns an ``nn.Module`` with an ``embed_dim`` attribute and ``forward(x) -> [B, D]``;
-    dense methods also need ``forward_tokens(x) -> [B, T, D]``. ``input_kind`` says what ``x`` is:
-    ``"pixels"`` (normalised float images ``[B, 3, S, S]``, see :meth:`transform`) or ``"grid"``
-    (a grid of patch embeddings ``[B, D_in, h, w]``, for region encoders).
+    dense methods also need ``forward_tokens(x) -> [B, T, D]`` with an int ``num_prefix_tokens`` attribute
+    (class and register tokens come first), and ViTs expose ``cls_attention(x) -> [B, heads, N_patches]``.
+    ``input_kind`` says what ``x`` is: ``"pixels"`` (normalised float images ``[B, 3, S, S]``, see
+    :meth:`transform`) or ``"grid"`` (a grid of patch embeddings ``[B, D_in, h, w]``, for region encoders,
+    which describe their input with :meth:`grid_geometry`).
     """
 
     kind = "encoder"
     input_kind: ClassVar[Literal["pixels", "grid"]] = "pixels"
+
+    def grid_geometry(self) -> GridGeometry:
+        """The regions and patch level a ``grid`` encoder reads (only grid encoders have one)."""
+        raise NotImplementedError(f"encoder {self.name!r} reads {self.input_kind}, not region grids")
 
     def build(self) -> "nn.Module":
         raise NotImplementedError

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from histobench.components import Encoder, InputTransform, StrictOptions
+from histobench.components import Encoder, GridGeometry, InputTransform, StrictOptions
 from histobench.lazy import lazy_attributes, torch_class
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -66,6 +66,13 @@ class HIPTRegionEncoder(Encoder):
         patch_mpp: float = Field(0.5, gt=0, description="µm/px of the patches (HIPT: 0.5, i.e. 20x).")
         patch_px: int = Field(256, ge=8, description="Patch side in pixels (HIPT: 256); a region is grid_size x grid_size patches.")
         min_tissue: float = Field(0.25, ge=0, le=1, description="Minimum tissue fraction of a kept region.")
+
+    def grid_geometry(self) -> GridGeometry:
+        o = self.options
+        return GridGeometry(patch_mpp=o.patch_mpp, patch_px=o.patch_px, grid=o.grid_size, min_tissue=o.min_tissue,
+                            in_dim=o.in_dim, patch_encoder=o.patch_encoder,
+                            patch_encoder_options=dict(o.patch_encoder_options),
+                            patch_encoder_preset=o.patch_encoder_preset, patch_pretext=o.patch_pretext)
 
     def transform(self) -> InputTransform:
         """Grids are not pixels: ``size`` is the full region grid side; mean/std are unused (the patch encoder normalised)."""
