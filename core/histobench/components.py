@@ -143,9 +143,42 @@ class TrainOptions(StrictOptions):
     steps_per_epoch: int = Field(0, ge=0, description="Cap on steps per epoch (0: one pass over the data).")
 
 
+REQUIREMENTS = frozenset({"tiles", "regions", "masks", "hierarchy", "text"})
+
+
+@dataclass(frozen=True)
+class CohortMeta:
+    """What pretraining may know of its cohort: per slide (in dataset slide-index order) its id and its
+    patient; never a label. ``patient_index[s]`` numbers the patients 0..P-1 in order of first appearance."""
+
+    slide_ids: tuple[str, ...]
+    patient_ids: tuple[str, ...]
+
+    @property
+    def patient_index(self) -> "np.ndarray":
+        import numpy as np
+
+        order = {p: i for i, p in enumerate(dict.fromkeys(self.patient_ids))}
+        return np.array([order[p] for p in self.patient_ids], dtype=np.int64)
+
+    @property
+    def n_patients(self) -> int:
+        return len(set(self.patient_ids))
+
+    @classmethod
+    def one_patient_per_slide(cls, n_slides: int) -> "CohortMeta":
+        ids = tuple(f"slide-{i}" for i in range(n_slides))
+        return cls(ids, ids)
+
+
 @dataclass
 class PretrainContext:
-    """What the training loop tells a pretext in ``setup``."""
+    """What the training loop tells a pretext in ``setup``.
+
+    ``cohort`` names the slides and patients of the training data (no labels); ``text_encoder`` is the
+    resolved :class:`TextEncoder` when the pretext requires ``text``; ``segmentation`` describes the nuclei
+    masks' source (segmenter identity, type ids) when it requires ``masks``.
+    """
 
     device: "torch.device"
     total_steps: int
@@ -157,6 +190,9 @@ class PretrainContext:
     world_size: int = 1
     rank: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    cohort: CohortMeta | None = None
+    text_encoder: "TextEncoder | None" = None
+    segmentation: dict[str, Any] = field(default_factory=dict)
 
 
 class Pretext(Component):
@@ -169,24 +205,60 @@ class Pretext(Component):
     updates; ``state_dict()`` is what a checkpoint stores; ``trained_encoder()`` is the encoder that
     downstream extraction uses.
 
-    ``batch`` holds ``images``: uint8 ``[B, 3, H, W]`` already on the training device (views and
-    augmentation are made there, on whole batches), plus ``slide_index`` and ``tile_index`` (``[B]``
-    long tensors). Region-level pretexts (``requires`` contains ``regions``) get ``grids`` instead: float
-    patch-embedding grids ``[B, D, h, w]``. ``on_epoch_start`` receives the whole dataset (``len``,
-    ``__getitem__`` -> ``(x, slide_index, tile_index)``, and a ``slide_index`` array) for per-epoch passes
-    such as re-clustering. ``requires`` names what data the pretext needs: ``tiles``, ``regions``,
-    ``hierarchy``, ``masks`` or ``text``.
+    **Batches** are dicts; the loop moves every tensor in them to the training device. What they hold
+    follows ``requires``, the set of inputs the pretext declares (a requirement no stage can meet is an
+    error when the run is resolved, before any work):
+
+    * ``tiles`` (default): ``images`` uint8 ``[B, 3, H, W]`` (views and augmentation are made on the device,
+      on whole batches);
+    * ``regions``: ``grids`` float patch-embedding grids ``[B, D, h, w]`` instead of ``images`` (a ``grid``
+      encoder, e.g. HIPT's region ViT);
+    * ``masks``: also ``instances`` int32 ``[B, H, W]`` (nuclei instance ids, 0 = none) and ``types`` uint8
+      ``[B, H, W]`` (the segmenter's cell types, 0 where it gives none), from the segmentation stage's cache,
+      pixel-aligned with ``images``;
+    * ``hierarchy``: batches of whole patients: ``batch_size`` patients, each ``S`` slides x ``P`` tiles
+      (:meth:`hierarchy_shape`), in ``[patient, slide, tile]`` order, so ``images.view(B, S, P, ...)`` groups
+      them (a patient with fewer slides, a slide with fewer tiles, wraps around);
+    * ``text``: ``ctx.text_encoder`` is set.
+
+    Every batch also holds ``slide_index``, ``tile_index`` and ``patient_index`` (``[B]`` long tensors).
+    :meth:`batch_sampler` chooses each epoch's batches (a seeded permutation of tiles by default, whole
+    patients for ``hierarchy``); :meth:`collate` may replace the default stacking of items.
+    ``on_epoch_start`` receives the whole dataset (``len``, ``__getitem__``, a ``slide_index`` array) for
+    per-epoch passes such as re-clustering.
     """
 
     kind = "pretext"
     requires: ClassVar[frozenset[str]] = frozenset({"tiles"})
     default_encoder: ClassVar[str] = "timm"  # used when the user names no --encoder
+    default_segmenter: ClassVar[str | None] = None  # for ``masks``: used when the user names no --segmenter
+    demo_segmenter: ClassVar[str | None] = "oracle"  # ... with --demo (synthetic slides know their nuclei)
+    default_text_encoder: ClassVar[str | None] = None  # for ``text``: used when the user names no --text-encoder
+    demo_text_encoder: ClassVar[str | None] = "hashing"
     train_defaults: ClassVar[dict[str, Any]] = {}
     train_presets: ClassVar[dict[str, dict[str, Any]]] = {}
     # Under torchrun: does every step use the same parameters of student_modules()? True lets
     # DistributedDataParallel learn the unused ones on the first step (static_graph); False (safe for
     # steps that differ) makes it walk each step's autograd graph to find them.
     ddp_static_graph: ClassVar[bool] = False
+
+    def hierarchy_shape(self) -> tuple[int, int]:
+        """``(S slides per patient, P tiles per slide)`` of ``hierarchy`` batches (HiDisc/HLSS: 2 x 2)."""
+        return (2, 2)
+
+    def batch_sampler(self, dataset: Any, cohort: CohortMeta, batch_size: int, seed: int) -> Any:
+        """The epoch sampler (see :mod:`histobench.pretrain.samplers`): tiles, or whole patients for ``hierarchy``."""
+        from histobench.pretrain.samplers import PatientSampler, TileSampler
+
+        if "hierarchy" in self.requires:
+            return PatientSampler(dataset.slide_index, cohort, batch_size, *self.hierarchy_shape(), seed=seed)
+        return TileSampler(len(dataset), batch_size, seed)
+
+    def collate(self, items: list[Any]) -> Any:
+        """Items -> one batch; default: stack each field (``torch.utils.data.default_collate``)."""
+        from torch.utils.data import default_collate
+
+        return default_collate(items)
 
     def setup(self, encoder: "nn.Module", ctx: PretrainContext) -> None:
         raise NotImplementedError

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from histobench.components import Encoder, PretrainContext, Pretext, TrainOptions
+from histobench.components import CohortMeta, Encoder, PretrainContext, Pretext, TrainOptions
 from histobench.device import channels_last, resolve_device
 from histobench.errors import HistobenchError
 from histobench.pretrain.schedules import cosine_schedule
@@ -81,14 +81,22 @@ def init_distributed() -> tuple[int, int]:
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[list[int]]:
     """The index batches of one epoch for one rank: a seeded permutation, dropped remainder, split over ranks."""
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(n)
-    per_rank = batch_size // world
-    global_batches = len(order) // batch_size
-    out = []
-    for b in range(global_batches):
-        chunk = order[b * batch_size:(b + 1) * batch_size]
-        out.append(chunk[rank * per_rank:(rank + 1) * per_rank].tolist())
+    from histobench.pretrain.samplers import TileSampler
+
+    return TileSampler(n, batch_size, seed).batches(epoch, rank, world)
+
+
+def batch_to_device(batch: Any, dev, input_key: str = "images", patient_of_slide: Any = None) -> dict[str, Any]:
+    """The batch as a dict on ``dev``: ``(x, slide_index, tile_index)`` triples become
+    ``{input_key, "slide_index", "tile_index"}``; every tensor moves (non-blocking); ``patient_index`` is added
+    from ``patient_of_slide`` (a long tensor on ``dev``; without it each slide is its own patient)."""
+    import torch
+
+    if isinstance(batch, (tuple, list)):
+        batch = dict(zip((input_key, "slide_index", "tile_index"), batch))
+    out = {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if "patient_index" not in out and "slide_index" in out:
+        out["patient_index"] = out["slide_index"] if patient_of_slide is None else patient_of_slide[out["slide_index"]]
     return out
 
 
@@ -193,11 +201,17 @@ def pretrain(
     tracker: Any = None,
     resume: bool = True,
     max_steps: int | None = None,
+    cohort: CohortMeta | None = None,
+    text_encoder: Any = None,
+    segmentation: dict[str, Any] | None = None,
 ) -> PretrainResult:
-    """Train ``pretext`` on ``dataset`` (yielding ``(x, slide_index, tile_index)``).
+    """Train ``pretext`` on ``dataset``.
 
-    ``x`` is a uint8 tile ``[3, S, S]``, or whatever the dataset's ``input_key`` attribute names (``grids``:
-    float patch-embedding grids ``[D, h, w]`` for region-level pretexts); the batch dict uses that key.
+    The dataset yields ``(x, slide_index, tile_index)`` triples or dicts (see :class:`~histobench.components.Pretext`
+    for what batches hold). ``x`` is a uint8 tile ``[3, S, S]``, or whatever the dataset's ``input_key``
+    attribute names (``grids``: float patch-embedding grids ``[D, h, w]`` for region-level pretexts).
+    ``cohort`` names the dataset's slides and their patients (default: one patient per slide);
+    ``text_encoder`` and ``segmentation`` are handed to the pretext in its context.
 
     ``out_dir`` holds ``checkpoint.pt``; with ``resume`` an existing checkpoint there is continued.
     ``max_steps`` stops early (used to test resume); the schedules still span the full run.
@@ -209,12 +223,16 @@ def pretrain(
     dev = resolve_device(device)
     if opts.batch_size % world:
         raise HistobenchError(f"train.batch_size={opts.batch_size} is not divisible by the {world} ranks")
-    n = len(dataset)
     input_key = getattr(dataset, "input_key", "images")
-    steps_per_epoch = n // opts.batch_size
+    if cohort is None:
+        n_slides = int(np.max(dataset.slide_index)) + 1 if len(dataset) else 0
+        cohort = CohortMeta.one_patient_per_slide(n_slides)
+    sampler = pretext.batch_sampler(dataset, cohort, opts.batch_size, seed)
+    steps_per_epoch = sampler.steps_per_epoch
     if steps_per_epoch == 0:
+        have = len(getattr(sampler, "patients", ())) if sampler.unit == "patients" else len(dataset)
         raise HistobenchError(
-            f"only {n} training tiles for train.batch_size={opts.batch_size}: lower train.batch_size or add slides"
+            f"only {have} training {sampler.unit} for train.batch_size={opts.batch_size}: lower train.batch_size or add slides"
         )
     if opts.steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, opts.steps_per_epoch)
@@ -227,7 +245,8 @@ def pretrain(
         encoder.compile()
     ctx = PretrainContext(device=dev, total_steps=total, steps_per_epoch=steps_per_epoch, epochs=opts.epochs,
                           batch_size=opts.batch_size, encoder_component=encoder_component, seed=seed,
-                          world_size=world, rank=rank)
+                          world_size=world, rank=rank, cohort=cohort, text_encoder=text_encoder,
+                          segmentation=dict(segmentation or {}))
     pretext.setup(encoder, ctx)
     modules = pretext.student_modules()
     groups = _param_groups(modules)
@@ -274,22 +293,26 @@ def pretrain(
     images_seen, t_start = 0, time.perf_counter()
     done_note = f" (from step {start})" if start else ""
     # The bar counts the images of this session only, so that its rate and ETA are right after a resume.
-    with reporter.stage(f"pretrain {pretext.name}{done_note}", total=max(stop - start, 0) * opts.batch_size,
+    images_per_batch = sampler.images_per_batch
+    patient_of_slide = torch.as_tensor(cohort.patient_index, device=dev)
+    # a pretext's own collate only when it has one: the default needs no pickled pretext in the workers
+    collate = pretext.collate if type(pretext).collate is not Pretext.collate else None
+    with reporter.stage(f"pretrain {pretext.name}{done_note}", total=max(stop - start, 0) * images_per_batch,
                         unit="img") as st:
         epoch = start // steps_per_epoch
         while step < stop:
             diag = pretext.on_epoch_start(epoch, dataset)
             if diag and tracker is not None:
                 tracker.metrics({f"epoch/{k}": v for k, v in diag.items()}, step=epoch)
-            batches = epoch_batches(n, opts.batch_size, seed, epoch, rank, world)[:steps_per_epoch]
+            batches = sampler.batches(epoch, rank, world)[:steps_per_epoch]
             first = step - epoch * steps_per_epoch
             loader = torch.utils.data.DataLoader(
                 dataset, batch_sampler=batches[first:], num_workers=opts.num_workers,
-                pin_memory=dev.type == "cuda", persistent_workers=False,
+                collate_fn=collate, pin_memory=dev.type == "cuda", persistent_workers=False,
                 prefetch_factor=4 if opts.num_workers else None,
             )
             epoch_losses = []
-            for images, slide_idx, tile_idx in loader:  # images: pixels, or patch-feature grids
+            for raw in loader:
                 if step >= stop:
                     break
                 torch.manual_seed(seed * 1_000_003 + step)
@@ -297,11 +320,8 @@ def pretrain(
                     g["lr"] = float(lr_sched[step])
                     if groups[i]["apply_wd"]:
                         g["weight_decay"] = float(wd_sched[step])
-                batch = {
-                    input_key: images.to(dev, non_blocking=True),
-                    "slide_index": slide_idx.to(dev, non_blocking=True),
-                    "tile_index": tile_idx.to(dev, non_blocking=True),
-                }
+                batch = batch_to_device(raw, dev, input_key, patient_of_slide)
+                n_images = len(batch[input_key])
                 where = "forward pass"
                 try:
                     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -331,12 +351,12 @@ def pretrain(
                 except torch.cuda.OutOfMemoryError:
                     raise HistobenchError(_oom_message(opts, where)) from None
                 step += 1
-                images_seen += len(images) * world
+                images_seen += n_images * world
                 logged["lr"] = float(lr_sched[step - 1])
                 logged["weight_decay"] = float(wd_sched[step - 1])
                 epoch_losses.append(logged["loss"])
                 history.append({"step": step - 1, **logged})
-                st.advance(len(images) * world)
+                st.advance(n_images * world)
                 st.set(loss=logged["loss"], epoch=epoch)
                 if tracker is not None and (step % 10 == 0 or step == stop):
                     m = {f"train/{k}": v for k, v in logged.items()}
