@@ -18,6 +18,13 @@ The layout (where the tissue and the tumour are) depends on the seed only, never
 
 Geometry is defined in µm and converted with ``mpp``, so the signal is visible at ~1 µm/px in 64 px tiles.
 Everything is vectorised numpy; a 2048 x 2048 slide takes about a second including JPEG encoding.
+
+Every slide comes with its true nuclei (the ground truth of the ``oracle`` segmenter, DiRL's cell prior on
+synthetic data): :func:`write_synthetic_slide` writes a sidecar ``<slide>.nuclei.npz`` (:func:`nuclei_sidecar`)
+holding the level-0 instance map (one id per painted nucleus, 0 = none; uint16, or uint32 past 65535 nuclei)
+and type map (uint8, :data:`NUCLEUS_TYPES`). A pixel belongs to a nucleus where the nucleus covers at least half
+of it (inside its ellipse); where nuclei overlap, the one painted darker there wins, as in the image. Recording
+the maps draws no random numbers, so the slide's pixels are the same with or without them.
 """
 
 from __future__ import annotations
@@ -37,6 +44,12 @@ from histobench.errors import HistobenchError
 
 GENERATOR_VERSION = 1
 MORPHOLOGIES = ("glandular", "solid", "clear-cell")
+
+# Type ids of the nuclei sidecar (0 = no nucleus). Tumour-like: the epithelial nuclei of every tumour
+# morphology (gland rings, solid sheets and the flattened nuclei rimming keratin pearls, clear-cell nuclei).
+NUCLEUS_TYPES = {0: "none", 1: "tumour", 2: "lymphocyte", 3: "fibroblast"}
+_TUMOUR, _LYMPHOCYTE, _FIBROBLAST = 1, 2, 3
+NUCLEI_FORMAT_VERSION = 1
 
 # Stain optical-density vectors (RGB), unit norm: haematoxylin (blue-purple) and eosin (pink).
 _H_OD = np.array([0.65, 0.70, 0.29])
@@ -76,11 +89,13 @@ def _offset_slice(cell: float, shape: tuple[int, int]) -> tuple[slice, slice]:
     return slice(o, o + shape[0]), slice(o, o + shape[1])
 
 
-def _stamp_max(canvas: np.ndarray, cy: np.ndarray, cx: np.ndarray, half: int, fn: Callable) -> None:
+def _stamp_max(canvas: np.ndarray, cy: np.ndarray, cx: np.ndarray, half: int, fn: Callable,
+               record: Callable | None = None) -> None:
     """Draw K small shapes into ``canvas`` with a running maximum.
 
     ``fn(dy, dx)`` gets float32 offsets [K, s, 1] / [K, 1, s] (pixel centre minus shape centre) and returns the
-    shape values [K, s, s]; values <= 0 are skipped.
+    shape values [K, s, s]; values <= 0 are skipped. ``record(flat, v, ok)``, when given, also receives the flat
+    canvas index [K, s, s], the values and the mask of drawn pixels (the nuclei maps use it).
     """
     if len(cy) == 0:
         return
@@ -92,13 +107,67 @@ def _stamp_max(canvas: np.ndarray, cy: np.ndarray, cx: np.ndarray, half: int, fn
     dx = (ix - cx[:, None, None]).astype(np.float32)
     v = fn(dy, dx)
     ok = (v > 0) & (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)
-    flat = np.broadcast_to(iy * w + ix, v.shape)[ok]
+    flat_all = np.broadcast_to(iy * w + ix, v.shape)
+    flat = flat_all[ok]
     np.maximum.at(canvas.reshape(-1), flat, v[ok].astype(canvas.dtype))
+    if record is not None:
+        record(flat_all, v, ok)
 
 
 def _k(a: np.ndarray | float, n: int) -> np.ndarray:
     """Per-shape parameter as a float32 [K, 1, 1] array."""
     return np.broadcast_to(np.asarray(a, dtype=np.float32), (n,)).reshape(n, 1, 1)
+
+
+class NucleusMap:
+    """True nuclei of a slide being rendered: a level-0 key canvas where each pixel keeps the nucleus painted
+    darkest there (key = quantised painted value << 40 | id), and each id's type.
+
+    :meth:`sub` gives a canvas for a box of the slide that shares the ids (the tumour is drawn in its bounding
+    box); :meth:`merge` puts it back with the same maximum the image uses.
+    """
+
+    _ID_BITS = 40
+
+    def __init__(self, shape: tuple[int, int], types: list[int] | None = None):
+        self.key = np.zeros(shape, dtype=np.int64)
+        self.types = types if types is not None else [0]  # types[id]; id 0 is "no nucleus"
+
+    def sub(self, shape: tuple[int, int]) -> "NucleusMap":
+        return NucleusMap(shape, self.types)
+
+    def merge(self, box: tuple[slice, slice], other: "NucleusMap") -> None:
+        np.maximum(self.key[box], other.key, out=self.key[box])
+
+    def clip(self, mask: np.ndarray) -> None:
+        """Drop nucleus pixels outside ``mask`` (as the image does with ``nb *= tb``)."""
+        self.key[~mask] = 0
+
+    def recorder(self, n: int, value: np.ndarray, kind: int) -> Callable:
+        """A ``record`` callback for :func:`_stamp_max` drawing ``n`` nuclei of type ``kind``."""
+        first = len(self.types)
+        self.types.extend([kind] * n)
+        ids = np.arange(first, first + n, dtype=np.int64).reshape(n, 1, 1)
+
+        def record(flat_all: np.ndarray, v: np.ndarray, ok: np.ndarray) -> None:
+            inside = ok & (v >= 0.5 * value)  # at least half of the pixel is covered by the ellipse
+            q = np.rint(np.broadcast_to(v, inside.shape)[inside] * 4096).astype(np.int64)
+            keys = (q << self._ID_BITS) | np.broadcast_to(ids, inside.shape)[inside]
+            np.maximum.at(self.key.reshape(-1), flat_all[inside], keys)
+
+        return record
+
+    def maps(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(instances, types)``: ids renumbered 1..n over the nuclei still visible, 0 = none."""
+        ids = self.key & ((1 << self._ID_BITS) - 1)
+        present = np.zeros(len(self.types), dtype=bool)
+        present[ids.ravel()] = True
+        present[0] = False
+        new = np.cumsum(present) * present  # old id -> new id (0 for hidden nuclei and the background)
+        n = int(present.sum())
+        inst = new[ids].astype(np.uint16 if n <= 0xFFFF else np.uint32)
+        types = np.asarray(self.types, dtype=np.uint8)[ids]
+        return inst, types
 
 
 def _ellipses(
@@ -111,8 +180,12 @@ def _ellipses(
     value: np.ndarray,
     wobble: np.ndarray | float = 0.0,
     phase: np.ndarray | float = 0.0,
+    nuclei: NucleusMap | None = None,
+    kind: int = 0,
 ) -> None:
-    """Anti-aliased filled ellipses (semi-axes ``a`` along ``theta``, ``b`` across, in px), max-composited."""
+    """Anti-aliased filled ellipses (semi-axes ``a`` along ``theta``, ``b`` across, in px), max-composited.
+
+    With ``nuclei``, each ellipse is also recorded there as a nucleus of type ``kind``."""
     n = len(cy)
     if n == 0:
         return
@@ -129,7 +202,7 @@ def _ellipses(
             r = r / (1 + w_ * np.cos(3 * np.arctan2(v, u) + p_))
         return np.clip((1 - r) * b_ + 0.5, 0, 1) * v_
 
-    _stamp_max(canvas, cy, cx, half, fn)
+    _stamp_max(canvas, cy, cx, half, fn, None if nuclei is None else nuclei.recorder(n, v_, kind))
 
 
 def _discs(
@@ -264,8 +337,12 @@ def render_synthetic(
     size: tuple[int, int] = (2048, 2048),
     mpp: float = 0.25,
     signal_fraction: float = 0.35,
+    nuclei: NucleusMap | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Level-0 pixels of a synthetic slide: (rgb uint8 [h, w, 3], tissue mask, tumour mask)."""
+    """Level-0 pixels of a synthetic slide: (rgb uint8 [h, w, 3], tissue mask, tumour mask).
+
+    ``nuclei``, a :class:`NucleusMap` of the slide's (h, w), receives the true nuclei; the pixels do not
+    depend on it."""
     if not 2 <= n_classes <= len(MORPHOLOGIES):
         raise HistobenchError(f"synthetic slides support 2 to {len(MORPHOLOGIES)} classes, got n_classes={n_classes}")
     if not 0 <= class_index < n_classes:
@@ -313,9 +390,11 @@ def render_synthetic(
     # stromal cells outside the tumour (class independent); the glandular tumour adds its own below
     normal = tissue & ~tumour
     keep = _inside(normal, fy, fx)
-    _ellipses(nuc, fy[keep], fx[keep], fib_a[keep], fib_b[keep], fib_angle[keep], fib_v[keep])
+    _ellipses(nuc, fy[keep], fx[keep], fib_a[keep], fib_b[keep], fib_angle[keep], fib_v[keep],
+              nuclei=nuclei, kind=_FIBROBLAST)
     keep = _inside(normal, ly, lx)
-    _ellipses(nuc, ly[keep], lx[keep], ly_r[keep], ly_r[keep] * 0.92, np.zeros(keep.sum()), ly_v[keep])
+    _ellipses(nuc, ly[keep], lx[keep], ly_r[keep], ly_r[keep] * 0.92, np.zeros(keep.sum()), ly_v[keep],
+              nuclei=nuclei, kind=_LYMPHOCYTE)
     del normal
 
     # ---- tumour ----------------------------------------------------------------------------------------------
@@ -330,6 +409,7 @@ def render_synthetic(
         tb = tumour[box]
         Et, Ht = E[box].copy(), H[box].copy()
         nb = np.zeros(bshape, dtype=np.float32)
+        nbm = nuclei.sub(bshape) if nuclei is not None else None
 
         if morph == "glandular":
             gy, gx = _hex_grid(trng, bshape, 52 * um, 7 * um)
@@ -359,14 +439,15 @@ def render_synthetic(
             ny_, nx_ = gy[gi] + rad * np.sin(ang), gx[gi] + rad * np.cos(ang)
             n = len(gi)
             _ellipses(nb, ny_, nx_, trng.uniform(3.8, 5.0, n) * um, trng.uniform(1.8, 2.4, n) * um,
-                      ang + trng.normal(0, 0.1, n), trng.uniform(1.5, 2.0, n))
+                      ang + trng.normal(0, 0.1, n), trng.uniform(1.5, 2.0, n), nuclei=nbm, kind=_TUMOUR)
             # desmoplastic stroma between the glands keeps its fibroblasts and lymphocytes
             between = tb & (epi < 0.05)
             keep = _inside(between, fy - y0, fx - x0)
-            _ellipses(nb, fy[keep] - y0, fx[keep] - x0, fib_a[keep], fib_b[keep], fib_angle[keep], fib_v[keep])
+            _ellipses(nb, fy[keep] - y0, fx[keep] - x0, fib_a[keep], fib_b[keep], fib_angle[keep], fib_v[keep],
+                      nuclei=nbm, kind=_FIBROBLAST)
             keep = _inside(between, ly - y0, lx - x0)
             _ellipses(nb, ly[keep] - y0, lx[keep] - x0, ly_r[keep], ly_r[keep] * 0.92, np.zeros(keep.sum()),
-                      ly_v[keep])
+                      ly_v[keep], nuclei=nbm, kind=_LYMPHOCYTE)
             nb *= tb
         elif morph == "solid":
             # keratin pearls: concentric eosinophilic whorls
@@ -392,7 +473,8 @@ def render_synthetic(
             n = len(cy)
             a = trng.uniform(3.4, 4.8, n) * um
             _ellipses(nb, cy, cx, a, a * trng.uniform(0.7, 0.95, n), trng.uniform(0, np.pi, n),
-                      trng.uniform(1.4, 2.2, n), wobble=trng.uniform(0, 0.12, n), phase=trng.uniform(0, 6.3, n))
+                      trng.uniform(1.4, 2.2, n), wobble=trng.uniform(0, 0.12, n), phase=trng.uniform(0, 6.3, n),
+                      nuclei=nbm, kind=_TUMOUR)
             # flattened nuclei rimming each pearl, tangential
             counts = np.maximum(5, np.round(2 * np.pi * pr / (7 * um))).astype(np.int64)
             gi = np.repeat(np.arange(len(py)), counts)
@@ -401,7 +483,7 @@ def render_synthetic(
             rad = pr[gi] + 1.5 * um
             m = len(gi)
             _ellipses(nb, py[gi] + rad * np.sin(ang), px[gi] + rad * np.cos(ang), trng.uniform(3.5, 4.5, m) * um,
-                      trng.uniform(1.2, 1.6, m) * um, ang + np.pi / 2, trng.uniform(1.5, 1.9, m))
+                      trng.uniform(1.2, 1.6, m) * um, ang + np.pi / 2, trng.uniform(1.5, 1.9, m), nuclei=nbm, kind=_TUMOUR)
             nb *= tb
         else:  # clear cell: warped square lattice of cells, pink membranes, pale cytoplasm, small central nuclei
             p = 13.0 * um
@@ -432,11 +514,14 @@ def render_synthetic(
             n = len(cy)
             r = trng.uniform(2.0, 2.6, n) * um
             _ellipses(nb, cy, cx, r, r * trng.uniform(0.85, 1.0, n), trng.uniform(0, np.pi, n),
-                      trng.uniform(1.9, 2.4, n))
+                      trng.uniform(1.9, 2.4, n), nuclei=nbm, kind=_TUMOUR)
             nb *= tb
         E[box] = Et
         H[box] = Ht
         nuc[box] = np.maximum(nuc[box], nb)
+        if nbm is not None:
+            nbm.clip(tb)
+            nuclei.merge(box, nbm)
         del Et, Ht, nb
 
     # ---- stain mixing ------------------------------------------------------------------------------------------
@@ -528,13 +613,20 @@ def write_synthetic_slide(
 ) -> dict:
     """Write one synthetic slide (pyramidal JPEG TIFF) to ``path``; same arguments, same pixels and bytes.
 
+    Its true nuclei go to the sidecar :func:`nuclei_sidecar` ``(path)`` (see :func:`read_nuclei`).
     ``size`` is (width, height) of level 0 in pixels; ``mpp`` its µm/px. Returns a dict with ``path``,
     ``class_index``, ``morphology``, ``seed``, ``mpp``, ``size``, ``levels`` (count), ``level_dimensions``,
-    ``tissue_fraction`` (of the image) and ``tumor_fraction`` (of the tissue).
+    ``tissue_fraction`` (of the image), ``tumor_fraction`` (of the tissue) and ``nuclei`` (count).
     """
+    nuclei = NucleusMap((int(size[1]), int(size[0])))
     rgb, tissue, tumour = render_synthetic(
-        class_index=class_index, n_classes=n_classes, seed=seed, size=size, mpp=mpp, signal_fraction=signal_fraction
+        class_index=class_index, n_classes=n_classes, seed=seed, size=size, mpp=mpp, signal_fraction=signal_fraction,
+        nuclei=nuclei,
     )
+    instances, types = nuclei.maps()
+    del nuclei
+    # the sidecar first: a slide file without its sidecar is never left behind by a crash in between
+    write_nuclei(nuclei_sidecar(path), instances, types, mpp=mpp)
     dims = write_tiff_pyramid(path, rgb, mpp=mpp, tile=tile)
     n_tissue = int(tissue.sum())
     return {
@@ -548,7 +640,50 @@ def write_synthetic_slide(
         "level_dimensions": dims,
         "tissue_fraction": n_tissue / tissue.size,
         "tumor_fraction": float(tumour.sum()) / max(n_tissue, 1),
+        "nuclei": int(instances.max()) if instances.size else 0,
     }
+
+
+def nuclei_sidecar(path: str | os.PathLike[str]) -> Path:
+    """Where the true nuclei of the synthetic slide ``path`` are: ``slides/X.tiff`` -> ``slides/X.nuclei.npz``."""
+    path = Path(path)
+    return path.with_name(path.stem + ".nuclei.npz")
+
+
+def write_nuclei(path: str | os.PathLike[str], instances: np.ndarray, types: np.ndarray, *, mpp: float) -> Path:
+    """Write a nuclei sidecar atomically (compressed npz): ``instances`` and ``types`` [h, w] at level 0, the
+    level-0 ``mpp``, the type names and a format version."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez_compressed(fh, format_version=np.int64(NUCLEI_FORMAT_VERSION), instances=instances,
+                                types=np.asarray(types, dtype=np.uint8), mpp=np.float64(mpp),
+                                type_names=np.array(json.dumps(NUCLEUS_TYPES)))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_nuclei(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, float]:
+    """``(instances [h, w], types uint8 [h, w], level-0 mpp)`` of a nuclei sidecar; a one-line
+    :class:`HistobenchError` naming the file when it is missing or unreadable."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            inst, types, mpp = z["instances"], z["types"], float(z["mpp"])
+            version = int(z["format_version"])
+    except FileNotFoundError:
+        raise HistobenchError(f"nuclei sidecar {path} does not exist") from None
+    except Exception as err:  # noqa: BLE001 - a damaged file raises KeyError, BadZipFile, zlib.error, ValueError...
+        raise HistobenchError(f"nuclei sidecar {path} is unreadable: {type(err).__name__}: {err}") from None
+    if version != NUCLEI_FORMAT_VERSION or inst.shape != types.shape or inst.ndim != 2:
+        raise HistobenchError(f"nuclei sidecar {path} is not a histobench nuclei file (version {version})")
+    return inst, types, mpp
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -656,7 +791,8 @@ def _cached_cohort(out: Path, params: dict):
             old = None
         if old == params:
             df = pd.read_csv(manifest_path, dtype={"slide_id": str, "case_id": str, "path": str, "label": str})
-            if all((out / p).exists() for p in df["path"]):
+            # a cohort made before slides had nuclei sidecars is made again (same pixels, same slide bytes)
+            if all((out / p).exists() and nuclei_sidecar(out / p).exists() for p in df["path"]):
                 return df
     return None
 
@@ -671,8 +807,10 @@ def _write_cohort(out: Path, jobs: list[dict], df, params: dict):
     for job in jobs:
         key = _job_key(job)
         done = _WRITTEN.get(key)
-        if done is not None and done.exists() and done != Path(job["path"]):
+        if (done is not None and done.exists() and nuclei_sidecar(done).exists()
+                and done != Path(job["path"])):
             Path(job["path"]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(nuclei_sidecar(done), nuclei_sidecar(job["path"]))
             shutil.copyfile(done, job["path"])
         else:
             todo.append(job)
