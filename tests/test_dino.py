@@ -56,7 +56,7 @@ def train(pre, steps, data=None, start=0, opt=None):
 
 
 def test_loss_of_uniform_outputs_is_log_k():
-    from histobench_dino.loss import DINOLoss
+    from histobench.ssl.losses import DINOLoss
 
     k = 512
     loss_fn = DINOLoss(k)
@@ -68,8 +68,8 @@ def test_loss_of_uniform_outputs_is_log_k():
 
 
 def test_loss_with_a_random_head_is_near_log_k():
-    from histobench_dino.heads import DINOProjectionHead
-    from histobench_dino.loss import DINOLoss
+    from histobench.ssl.heads import DINOProjectionHead
+    from histobench.ssl.losses import DINOLoss
 
     torch.manual_seed(0)
     k = 4096
@@ -82,7 +82,7 @@ def test_loss_with_a_random_head_is_near_log_k():
 
 
 def test_loss_pairs_skip_the_same_view():
-    from histobench_dino.loss import DINOLoss
+    from histobench.ssl.losses import DINOLoss
 
     k = 8
     t = [torch.randn(3, k), torch.randn(3, k)]
@@ -97,7 +97,7 @@ def test_loss_pairs_skip_the_same_view():
 
 
 def test_center_update():
-    from histobench_dino.loss import DINOLoss
+    from histobench.ssl.losses import DINOLoss
 
     loss_fn = DINOLoss(6, center_momentum=0.9)
     t = [torch.randn(4, 6), torch.randn(4, 6)]
@@ -140,11 +140,11 @@ def test_ema_moves_the_teacher_by_exactly_one_minus_m():
         for p in pre.student.parameters():
             p.add_(0.01 * torch.randn_like(p))
     step = 5
-    m = float(pre.momentum_schedule[step])
+    m = float(pre.ema.schedule[step])
     pre.after_optimizer_step(step)
     for t_old, t_new, s in zip(before, pre.teacher.parameters(), pre.student.parameters()):
         assert torch.allclose(t_new, t_old + (1 - m) * (s - t_old), atol=1e-7)
-    assert pre.momentum_schedule[-1] == pytest.approx(1.0)
+    assert pre.ema.schedule[-1] == pytest.approx(1.0) and pre.teacher is pre.ema.module
 
 
 def test_last_layer_is_frozen_during_the_first_epoch():
@@ -239,6 +239,15 @@ def test_options_and_train_defaults():
     t = DINO.train_options()
     assert (t.lr, t.weight_decay, t.weight_decay_end, t.clip_grad, t.warmup_epochs) == (5e-4, 0.04, 0.4, 3.0, 10)
     assert DINO.train_options("demo").batch_size == 64
+
+
+def test_old_import_paths_serve_the_core_parts():
+    from histobench.ssl import heads, losses
+    from histobench_dino import heads as old_heads
+    from histobench_dino import loss as old_loss
+
+    assert old_heads.DINOProjectionHead is heads.DINOProjectionHead and old_heads.BackboneWithHead is heads.BackboneWithHead
+    assert old_loss.DINOLoss is losses.DINOLoss
 
 
 def test_contract_check_through_the_trainer():

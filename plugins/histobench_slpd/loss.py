@@ -23,7 +23,7 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
-from histobench_dino.loss import DINOLoss
+from histobench.ssl.losses import DINOLoss
 
 LossType = Literal["all", "intra_inter", "intra", "inter"]
 

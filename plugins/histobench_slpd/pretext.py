@@ -4,7 +4,7 @@ WSIs", MICCAI 2023, arXiv:2307.10696; authors' code https://github.com/Carboxy/S
 
 The region encoder (:class:`~histobench_slpd.encoder.HIPTRegionEncoder`, HIPT's ViT-4K over grids of frozen
 ViT-256 patch embeddings) is trained from scratch with DINO (the 2 global 14x14 + 8 local 6x6 grid crops of
-:class:`~histobench_slpd.views.SLPDGridViews`; head and loss imported from ``histobench_dino``) and, after
+:class:`~histobench_slpd.views.SLPDGridViews`; head, loss and EMA teacher from :mod:`histobench.ssl`) and, after
 ``warm_epoch`` epochs, two more distillation terms built once per epoch from the teacher
 (:mod:`~histobench_slpd.clustering`, :mod:`~histobench_slpd.loss`):
 
@@ -38,7 +38,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
-from histobench.components import PretrainContext, Pretext, StrictOptions
+from histobench.components import PretrainContext, Pretext
+from histobench.ssl.dino import DINO_DEMO_HEAD, DINO_TRAIN_DEFAULTS, DINOStudentTeacherOptions
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -53,22 +54,11 @@ class SLPD(Pretext):
     default_encoder = "hipt-vit4k"
     # every step runs the whole student on every view; after the warm-up the prototype terms reuse its outputs
     ddp_static_graph = True
-    train_defaults = {
-        "epochs": 100,
-        "batch_size": 512,
-        "lr": 5e-4,
-        "min_lr": 1e-6,
-        "warmup_epochs": 10,
-        "weight_decay": 0.04,
-        "weight_decay_end": 0.4,
-        "clip_grad": 3.0,
-    }
+    train_defaults = {**DINO_TRAIN_DEFAULTS, "batch_size": 512}  # HIPT DINO-4K: 4 GPUs x 128
     presets = {
         # spec section 3 "small (CPU)" column, on 8x8 demo grids (6x6 global, 3x3 local crops)
         "demo": {
-            "out_dim": 1024,
-            "hidden_dim": 256,
-            "bottleneck_dim": 64,
+            **DINO_DEMO_HEAD,
             "n_local_crops": 4,
             "global_crop_size": 6,
             "local_crop_size": 3,
@@ -84,21 +74,14 @@ class SLPD(Pretext):
         "demo": {"epochs": 6, "batch_size": 32, "lr": 5e-4, "warmup_epochs": 1, "num_workers": 0},
     }
 
-    class Options(StrictOptions):
-        out_dim: int = Field(65536, ge=2, description="Head output width (HIPT/SLPD: 65536).")
-        hidden_dim: int = Field(2048, ge=1, description="Head MLP hidden width (2048).")
+    class Options(DINOStudentTeacherOptions):  # head, temperatures, momenta, freeze, drop path: see there
         bottleneck_dim: int = Field(256, ge=1, description="Head bottleneck width, the clustering space (256).")
-        norm_last_layer: bool = Field(True, description="Fix the weight-norm gain of the head's last layer to 1.")
+        teacher_temp: float = Field(0.04, gt=0, description="Teacher/prototype temperature, constant (no warm-up).")
+        center_momentum: float = Field(0.9, ge=0, lt=1, description="Momentum of both centres c and c'.")
         n_local_crops: int = Field(8, ge=0, description="Local grid crops per region (8).")
         global_crop_size: int = Field(14, ge=1, description="Global crop side in grid cells (14 of 16); also the clustering view.")
         local_crop_size: int = Field(6, ge=1, description="Local crop side in grid cells (6).")
         flip_p: float = Field(0.5, ge=0, le=1, description="Horizontal-flip probability of every view.")
-        student_temp: float = Field(0.1, gt=0, description="Student temperature (both losses).")
-        teacher_temp: float = Field(0.04, gt=0, description="Teacher/prototype temperature, constant (no warm-up).")
-        center_momentum: float = Field(0.9, ge=0, lt=1, description="Momentum of both centres c and c'.")
-        momentum_teacher: float = Field(0.996, ge=0, le=1, description="Initial EMA momentum (cosine to 1).")
-        freeze_last_layer_epochs: float = Field(1, ge=0, description="Epochs with the head's last layer frozen.")
-        drop_path_rate: float = Field(0.1, ge=0, lt=1, description="Student stochastic depth (teacher: 0).")
         n_prototypes: int = Field(4, ge=1, description="K prototypes per slide (NSCLC 4, BRCA 2).")
         min_regions: int = Field(32, ge=1, description="n_min: slides with fewer regions get no prototypes (NSCLC 32, BRCA 16).")
         n_neighbours: int = Field(1, ge=1, description="r nearest slides for the inter-slide term (1).")
@@ -123,33 +106,21 @@ class SLPD(Pretext):
     # ------------------------------------------------------------------------------------------ setup
 
     def setup(self, encoder: "nn.Module", ctx: PretrainContext) -> None:
-        import copy
-
-        from histobench.pretrain.schedules import cosine_schedule
-        from histobench_dino.heads import BackboneWithHead, DINOProjectionHead
-        from histobench_dino.loss import DINOLoss
+        from histobench.ssl.dino import build_student_teacher
+        from histobench.ssl.losses import DINOLoss
+        from histobench.ssl.teacher import set_drop_path
         from histobench_slpd.loss import SLPDLoss
         from histobench_slpd.views import SLPDGridViews
 
         o = self.options
         self.ctx = ctx
-        teacher_backbone = copy.deepcopy(encoder)
-        if hasattr(teacher_backbone, "set_drop_path"):
-            teacher_backbone.set_drop_path(0.0)
-        if hasattr(encoder, "set_drop_path"):
-            encoder.set_drop_path(o.drop_path_rate)
-        head = DINOProjectionHead(encoder.embed_dim, o.out_dim, o.hidden_dim, o.bottleneck_dim,
-                                  norm_last_layer=o.norm_last_layer).to(ctx.device)
-        self.student = BackboneWithHead(encoder, head)
-        self.teacher = BackboneWithHead(teacher_backbone, copy.deepcopy(head))
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        self.student, self.ema = build_student_teacher(encoder, o, ctx.total_steps, ctx.device)
+        self.teacher = self.ema.module
+        set_drop_path(encoder, o.drop_path_rate)  # the option's rate, 0 included
         self.loss = DINOLoss(o.out_dim, o.student_temp, o.center_momentum).to(ctx.device)
         self.proto_loss = SLPDLoss(o.out_dim, o.student_temp, o.center_momentum, o.loss_type, o.lambda_intra,
                                    o.lambda_inter, o.skip_same_view).to(ctx.device)
         self.views = SLPDGridViews(o.global_crop_size, o.local_crop_size, o.n_local_crops, o.flip_p)
-        total = max(int(ctx.total_steps), 1)
-        self.momentum_schedule = cosine_schedule(o.momentum_teacher, 1.0, total)
         self.freeze_last_layer_steps = int(round(o.freeze_last_layer_epochs * ctx.steps_per_epoch))
         self.clusters: dict[str, Any] | None = None  # the per-epoch slide structure (see _cluster)
         self.offsets: "torch.Tensor | None" = None
@@ -258,15 +229,9 @@ class SLPD(Pretext):
     # ------------------------------------------------------------------------------------------- step
 
     def _generator(self, step: int) -> "torch.Generator":
-        import numpy as np
-        import torch
+        from histobench.ssl.steps import step_generator
 
-        seed = int(np.random.SeedSequence([self.ctx.seed, step, self.ctx.rank]).generate_state(1, np.uint64)[0] >> 1)
-        return torch.Generator(device=self.ctx.device).manual_seed(seed)
-
-    @staticmethod
-    def _at(schedule, step: int) -> float:
-        return float(schedule[min(max(step, 0), len(schedule) - 1)])
+        return step_generator(self.ctx.seed, step, self.ctx.rank, self.ctx.device)
 
     def prototype_logits(self, slides: "torch.Tensor", protos: "torch.Tensor") -> "torch.Tensor":
         """Teacher targets ``u(p)`` of the prototypes ``protos`` of ``slides`` (``[M]`` each): ``[M, out_dim]``."""
@@ -305,7 +270,7 @@ class SLPD(Pretext):
         student_out = self.student.forward_views(views)
         loss_self, stats = self.loss(student_out, teacher_out, o.teacher_temp)
         out = {"loss_self": loss_self.detach(), "teacher_entropy": stats["teacher_entropy"],
-               "momentum": self._at(self.momentum_schedule, step)}
+               "momentum": self.ema.momentum(step)}
         intra, inter = self._targets(batch["slide_index"], batch["tile_index"])
         if intra is None:  # warm-up: exactly DINO
             zero = loss_self.new_zeros(())
@@ -314,18 +279,12 @@ class SLPD(Pretext):
         return {"loss": loss_self + proto, **out, **terms}
 
     def before_optimizer_step(self, step: int) -> None:
-        if step < self.freeze_last_layer_steps:
-            for p in self.student.head.last_layer_parameters():
-                p.grad = None
+        from histobench.ssl.teacher import cancel_last_layer_grads
+
+        cancel_last_layer_grads(self.student.head, step, self.freeze_last_layer_steps)
 
     def after_optimizer_step(self, step: int) -> None:
-        import torch
-
-        m = self._at(self.momentum_schedule, step)
-        with torch.no_grad():
-            teacher = list(self.teacher.parameters())
-            student = [p.detach() for p in self.student.parameters()]
-            torch._foreach_lerp_(teacher, student, 1.0 - m)
+        self.ema.update(self.student, step)
 
     # ------------------------------------------------------------------------------------------ state
 
