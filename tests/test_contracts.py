@@ -3,7 +3,8 @@
 import pytest
 
 from histobench.registry import get_components
-from histobench.testing import check_aggregator, check_encoder, check_pretext, check_task
+from histobench.testing import check_aggregator, check_encoder, check_pretext, check_task, check_text_encoder
+from histobench.testing import check_segmenter
 
 
 @pytest.mark.parametrize("name", sorted(get_components("encoder")))
@@ -26,3 +27,14 @@ def test_aggregator_contract(name):
 def test_task_contract(name, tmp_path):
     df = check_task(name, tmp_path)
     assert len(df) >= 10
+
+
+@pytest.mark.parametrize("name", sorted(get_components("text_encoder")))
+def test_text_encoder_contract(name):
+    check_text_encoder(name)
+
+
+@pytest.mark.parametrize("name", sorted(get_components("segmenter")))
+def test_segmenter_contract(name):
+    instances, _ = check_segmenter(name)
+    assert instances.max() > 0  # the check tile holds nuclei, and every segmenter should find some

@@ -10,7 +10,21 @@ from histobench import hookimpl
 
 
 @hookimpl
+def register_segmenters(register):
+    from histobench.segment.oracle import OracleSegmenter
+
+    register(OracleSegmenter)
+
+
+@hookimpl
 def register_protocols(register):
     from histobench.evaluate.protocols import FrozenMIL
 
     register(FrozenMIL)
+
+
+@hookimpl
+def register_text_encoders(register):
+    from histobench.text.hashing import HashingTextEncoder
+
+    register(HashingTextEncoder)

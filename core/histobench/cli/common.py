@@ -50,7 +50,7 @@ TaskOpt = Annotated[str, typer.Option("--task", "-t", help="Task name (histobenc
 PretextOpt = Annotated[str, typer.Option("--pretext", "-p", help="Pretext name (histobench pretexts list), or 'none'.", autocompletion=_completer("pretext"))]
 EncoderOpt = Annotated[Optional[str], typer.Option("--encoder", "-e", help="Encoder name (histobench encoders list); default: the pretext's (timm for tile pretexts).", autocompletion=_completer("encoder"))]
 AggregatorOpt = Annotated[Optional[str], typer.Option("--aggregator", "-a", help="Aggregator (default: the task's).", autocompletion=_completer("aggregator"))]
-OptionsOpt = Annotated[Optional[list[str]], typer.Option("--option", "-o", help="prefix.key=value, prefix one of encoder, pretext, aggregator, task, train, eval. Repeatable.")]
+OptionsOpt = Annotated[Optional[list[str]], typer.Option("--option", "-o", help="prefix.key=value, prefix one of encoder, pretext, aggregator, task, train, eval, segmenter, text_encoder. Repeatable.")]
 DemoOpt = Annotated[bool, typer.Option("--demo", help="Use the task's synthetic stand-in cohort and CPU-sized presets.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of pretraining and aggregator training.")]
 TrackingOpt = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or MLflow's local store).", envvar="MLFLOW_TRACKING_URI")]
@@ -74,4 +74,9 @@ def is_tty() -> bool:
     return sys.stdout.isatty()
 FailFastOpt = Annotated[bool, typer.Option("--fail-fast", help="Stop at the first unusable slide instead of skipping it.")]
 LeakyOpt = Annotated[bool, typer.Option("--allow-leaky-splits", help="Evaluate on a split where a patient sits on two sides (logged).")]
+ProtocolOpt = Annotated[Optional[str], typer.Option("--protocol", help="Evaluation protocol (histobench protocols list); default frozen-mil. Its options: -o eval.NAME=VALUE.", autocompletion=_completer("protocol"))]
+SegmenterOpt = Annotated[Optional[str], typer.Option("--segmenter", help="Nuclei segmenter for pretexts that need masks (histobench segmenters list); default: the pretext's.", autocompletion=_completer("segmenter"))]
+TextEncoderOpt = Annotated[Optional[str], typer.Option("--text-encoder", help="Text encoder for pretexts that need text (histobench text-encoders list); default: the pretext's.", autocompletion=_completer("text_encoder"))]
+PretrainTaskOpt = Annotated[Optional[str], typer.Option("--pretrain-task", help="Pretrain on this task's cohort instead of the evaluation cohort (labels never read).", autocompletion=_completer("task"))]
+PretrainManifestOpt = Annotated[Optional[Path], typer.Option("--pretrain-manifest", help="Pretrain on the slides of this manifest CSV (slide_id, case_id, path) instead of the evaluation cohort.")]
 SplitOpt = Annotated[Optional[str], typer.Option("--split", help="A published split preset of the task (e.g. hipt-10fold); default: the task's own patient-level folds.")]

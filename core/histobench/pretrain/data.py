@@ -32,6 +32,7 @@ class SlideTiles:
     path: Path
     tiles: TileSet
     mpp: float | None = None  # level-0 µm/px override
+    case_id: str | None = None  # the patient (pretraining's hierarchy; never a label)
 
 
 def _import_torch():
