@@ -175,7 +175,14 @@ def test_evaluate_features_end_to_end(tmp_path):
     assert res.split_hash == splits.hash and res.n_leaks == 0
     assert res.summary["macro_auc"]["mean"] > 0.8, res.summary
     s = res.summary["macro_auc"]
-    assert s["ci_low"] <= s["pooled"] <= s["ci_high"] and s["sd"] >= 0
+    fold_values = [f["macro_auc"] for f in res.per_fold]
+    assert s["fold_mean"] == s["mean"] == pytest.approx(np.mean(fold_values), abs=1e-12)
+    assert s["fold_sd"] == s["sd"] == pytest.approx(np.std(fold_values, ddof=1), abs=1e-12) and s["n_folds"] == 5
+    assert s["fold_ci_low"] <= s["fold_mean"] <= s["fold_ci_high"] <= 1.0  # each CI around its own value
+    assert s["pooled_ci_low"] <= s["pooled"] <= s["pooled_ci_high"] and s["n_patients"] == 60
+    assert "ci_low" not in s and res.small_folds == ""
+    assert res.estimator_labels() == {"fold": "mean ± sd over 5 folds; 95% CI: t-interval over folds",
+                                      "pooled": "pooled out-of-fold patients; 95% CI: patient bootstrap"}
     p = res.predictions
     assert list(p.columns) == ["slide_id", "case_id", "fold", "seed", "label", "prob_LUAD", "prob_LUSC"]
     assert len(p) == len(manifest) - 2 and p["slide_id"].is_unique and dropped not in set(p["slide_id"])
@@ -232,7 +239,8 @@ def test_evaluate_features_mean_linear_grading_runs():
         aggregator=MeanLinear(), opts=EvalOptions(epochs=3, bootstrap=0, device="cpu"),
     )
     assert set(res.summary) == {"qwk", "balanced_accuracy", "macro_auc"} and res.n_skipped == 0
-    assert np.isnan(res.summary["qwk"]["ci_low"])
+    assert np.isnan(res.summary["qwk"]["pooled_ci_low"])  # no bootstrap: no pooled CI
+    assert np.isfinite(res.summary["qwk"]["fold_ci_low"])  # the t-interval needs no replicates
 
 
 def test_evaluate_counts_slides_outside_the_splits_and_warns_on_leaks():

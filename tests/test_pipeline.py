@@ -50,7 +50,7 @@ def test_mlflow_has_parent_and_nested_runs(demo_runs):
     assert p["pretext.name"] == "dino" and p["train.epochs"] == "1" and p["task.folds"] == "3"
     assert len(t["histobench.git_sha"]) >= 7 and t["histobench.split_hash"] and t["histobench.weights_hash"]
     assert t["histobench.plugin.pretext"].startswith("dino histobench==")
-    assert 0.0 <= m["macro_auc_mean"] <= 1.0 and m["macro_auc_ci_low"] <= m["macro_auc_ci_high"]
+    assert 0.0 <= m["macro_auc_mean"] <= 1.0 and m["macro_auc_pooled_ci_low"] <= m["macro_auc_pooled"] <= m["macro_auc_pooled_ci_high"]
     fold_aucs = [r.data.metrics["macro_auc"] for r in children if r.data.tags["histobench.stage"] == "fold"]
     assert abs(sum(fold_aucs) / 3 - m["macro_auc_mean"]) < 1e-9
     # both runs were evaluated on the same folds

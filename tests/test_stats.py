@@ -152,3 +152,46 @@ def test_paired_comparison_survival_and_disjoint_runs():
     other = a.assign(case_id="Q" + a["case_id"])
     with pytest.raises(HistobenchError, match="share no test patients"):
         stats.paired_comparison(a, other, "survival", "c_index", n=10)
+
+
+def test_t_interval_and_fold_estimate():
+    from scipy.stats import t
+
+    values = np.array([0.6, 0.7, 0.8, 0.9, np.nan])
+    lo, hi = stats.t_interval(values)
+    half = t.ppf(0.975, 3) * np.std(values[:4], ddof=1) / 2
+    assert (lo, hi) == pytest.approx((0.75 - half, 0.75 + half), abs=1e-12)
+    assert stats.t_interval([0.9, 1.0, 1.0])[1] == 1.0  # clipped to the metric's range, mean still inside
+    assert stats.t_interval([0.9, 1.0, 1.0], bounds=None)[1] > 1.0
+    assert all(np.isnan(stats.t_interval([0.5])))
+    e = stats.fold_estimate(values, "macro_auc")
+    assert e["fold_mean"] == pytest.approx(0.75) and e["n_folds"] == 4 and (e["fold_ci_low"], e["fold_ci_high"]) == (lo, hi)
+    assert stats.fold_estimate([-0.9, -0.95, -1.0], "qwk")["fold_ci_low"] == -1.0  # qwk lives in [-1, 1]
+    assert np.isnan(stats.fold_estimate([0.01, 0.2, 0.03], "logrank_p")["fold_ci_low"])  # no interval for p-values
+
+
+def test_estimator_labels_name_every_summary_key():
+    assert stats.estimator_label("fold", 10) == "mean ± sd over 10 folds"
+    assert stats.estimator_label("fold", 10, ci=True) == "t-interval over folds"
+    assert stats.estimator_label("pooled", ci=True) == "patient bootstrap"
+    assert stats.estimator_label("fold_boot", 4) == "mean over 4 folds"
+    assert stats.bootstrap_estimator("subtyping") == "pooled" and stats.bootstrap_estimator("survival") == "fold_boot"
+    assert stats.bootstrap_estimator("survival", "logrank_p") == "pooled_test"
+    entry = {"fold_mean": 0.8, "pooled": 0.7, "pooled_ci_low": 0.6}
+    assert stats.summary_estimators(entry) == ["fold", "pooled"]
+    assert stats.summary_estimators({"fold_mean": 0.8, "pooled": 0.01}) == ["fold", "pooled_test"]
+    with pytest.raises(HistobenchError, match="unknown estimator 'mean'"):
+        stats.estimator_label("mean")
+
+
+def test_paired_comparison_fold_estimator_has_its_own_ci():
+    good = classification_predictions(300, 0, signal=1.5, folds=10)
+    rng = np.random.default_rng(1)
+    pb = 1 / (1 + np.exp(-(0.2 * (2 * good["label"] - 1) + 1.5 * rng.normal(size=len(good)))))
+    bad = good.assign(prob_A=1 - pb, prob_B=pb)
+    r = stats.paired_comparison(good, bad, "subtyping", "macro_auc", CLASSES, n=50, seed=0)
+    assert r["estimator"] == "pooled"
+    assert r["fold_difference"] == pytest.approx(r["folds"]["difference"].mean(), abs=1e-12)
+    assert r["fold_a"] - r["fold_b"] == pytest.approx(r["fold_difference"], abs=1e-12)
+    assert 0 < r["fold_ci_low"] < r["fold_difference"] < r["fold_ci_high"]
+    assert (r["fold_ci_low"], r["fold_ci_high"]) == pytest.approx(stats.t_interval(r["folds"]["difference"], bounds=(-1, 1)))

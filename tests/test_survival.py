@@ -101,7 +101,7 @@ def test_survival_protocol_finds_planted_signal():
     assert set(res.summary) == {"c_index", "c_index_uno", "cox_c_index", "cox_c_index_uno", "logrank_p"}
     assert len(res.per_fold) == 6 and res.per_fold_index[1] == (0, 1)
     s = res.summary["c_index"]
-    assert s["mean"] > 0.65 and s["ci_low"] < s["pooled"] < s["ci_high"]
+    assert s["mean"] > 0.65 and s["fold_boot_ci_low"] < s["fold_boot"] < s["fold_boot_ci_high"]
     assert res.summary["cox_c_index"]["mean"] > 0.65
     assert res.summary["logrank_p"]["pooled"] < 0.05
     assert {"time", "event", "risk", "cox_risk", "surv_0", "surv_3", "seed"} <= set(res.predictions.columns)

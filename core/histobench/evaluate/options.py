@@ -20,7 +20,14 @@ class EvalOptions(StrictOptions):
     patients together, so no method can tune on held-out data. Survival heads use the discrete-time NLL
     (no class weighting) over ``survival_bins`` intervals; the protocol's second survival model is a ridge
     Cox PH (``cox_alpha``) on mean-pooled features. With ``seeds > 1`` every fold is trained once per seed
-    (seed ``seed + 1000 * s + k`` for fold ``k``, repeat ``s``) and the mean ± sd are over folds x seeds.
+    (seed ``seed + 1000 * s + k`` for fold ``k``, repeat ``s``); a fold's value is the mean over its seeds, and
+    the mean ± sd and t-interval are over folds.
+
+    Before any fold is trained, every test fold must hold at least ``min_test_per_class`` patients of each
+    class of the cohort (for survival: patients with an event). When the task's fold count is too large for
+    the cohort, ``small_folds`` says what happens: ``fewer`` uses the largest fold count that meets the
+    threshold (fewest 2; a warning line names the new split and its hash, which the run logs), ``refuse``
+    stops with a one-line error.
     """
 
     epochs: int = Field(20, ge=1, description="Passes over the training bags per fold.")
@@ -36,8 +43,14 @@ class EvalOptions(StrictOptions):
         "balanced", description="'balanced': cross-entropy weights n / (C * n_c) from the training labels."
     )
     seed: int = Field(0, description="Seed of initialisation, batching, tile sampling and dropout (fold k uses seed + k).")
-    seeds: int = Field(1, ge=1, description="Training repeats per fold with different seeds (mean ± sd over folds x seeds).")
+    seeds: int = Field(1, ge=1, description="Training repeats per fold with different seeds (a fold's value is their mean).")
     survival_bins: int = Field(4, ge=2, description="Discrete-time survival intervals, cut at quantiles of uncensored training times.")
     cox_alpha: float = Field(1.0, ge=0, description="Ridge penalty of the Cox PH model on standardised mean-pooled features.")
-    bootstrap: int = Field(1000, ge=0, description="Patient-level bootstrap replicates for the 95% CIs (0: none).")
+    bootstrap: int = Field(1000, ge=0, description="Patient-level bootstrap replicates for the pooled 95% CIs (0: none).")
+    min_test_per_class: int = Field(
+        2, ge=0, description="Fewest test patients of each class (survival: with an event) every test fold must hold (0: no check)."
+    )
+    small_folds: Literal["fewer", "refuse"] = Field(
+        "fewer", description="When test folds are too small: 'fewer' folds (announced, logged with the split hash) or 'refuse'."
+    )
     device: str = Field("auto", description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'.")

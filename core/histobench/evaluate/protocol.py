@@ -6,13 +6,17 @@ patients (the one policy has a fixed epoch budget, so val is not held out for ea
 the slides of its test patients, once per seed (``eval.seeds``).
 
 * subtyping / grading: class-weighted cross-entropy; metrics per fold and on the pooled out-of-fold
-  predictions, 95% CI by a patient bootstrap of the pooled value.
+  predictions.
 * survival: the aggregator is built with ``eval.survival_bins`` outputs and trained with the discrete-time
   NLL (:mod:`histobench.evaluate.survival`); the protocol also fits a ridge Cox PH on mean-pooled features.
   Metrics ``c_index``/``c_index_uno`` (discrete-time model), ``cox_c_index``/``cox_c_index_uno`` and
-  ``logrank_p`` (test patients split at the fold's median risk). Risks of different folds are not on one
-  scale, so ``pooled`` is the mean over folds and the CI resamples patients within folds
-  (:mod:`histobench.evaluate.stats`).
+  ``logrank_p`` (test patients split at the fold's median risk).
+
+Every metric's summary holds two estimators, each with its own 95% CI (:mod:`histobench.evaluate.stats`
+names them): ``fold`` (mean ± sd over folds, t-interval over folds) and ``pooled`` (classification: pooled
+out-of-fold patients, patient bootstrap) or ``fold_boot`` (survival, whose risks of different folds are not
+on one scale: mean over folds, patient bootstrap within folds). Before training, the test folds are checked
+for enough patients of every class (:mod:`histobench.evaluate.folds`).
 """
 
 from __future__ import annotations
@@ -44,8 +48,12 @@ class EvalResult:
     per_fold: list[dict[str, float]]
     """Metrics of each fold's test slides, in fold order."""
     summary: dict[str, dict[str, float]]
-    """Per metric: ``mean`` and ``sd`` over folds, ``pooled`` (on all out-of-fold predictions), ``ci_low``,
-    ``ci_high`` (patient-level bootstrap 95% CI of the pooled value) and ``n_folds``."""
+    """Per metric, the estimators of :data:`histobench.evaluate.stats.ESTIMATORS`, each next to its own CI:
+    ``fold_mean``, ``fold_sd``, ``fold_ci_low``, ``fold_ci_high`` (t-interval over folds), ``n_folds``, and
+    ``mean``/``sd`` (the same fold values, for older readers); then for classification ``pooled``,
+    ``pooled_ci_low``, ``pooled_ci_high`` (patient bootstrap) and ``n_patients``, for survival ``fold_boot``,
+    ``fold_boot_ci_low``, ``fold_boot_ci_high`` (patient bootstrap within folds) and for ``logrank_p``
+    ``pooled`` (the pooled test, no CI). Logged to MLflow as ``<metric>_<key>``."""
     predictions: pd.DataFrame
     """One row per test slide and seed repeat: ``slide_id, case_id, fold, seed`` then ``label`` (class index),
     ``prob_<class>``... or, for survival, ``time, event, risk, cox_risk, surv_<k>``..."""
@@ -62,10 +70,19 @@ class EvalResult:
     """Tile attention of a few test slides per fold (``slide_id -> [N]``), for heatmaps."""
     per_fold_index: list[tuple[int, int]] = field(default_factory=list)
     """``(fold, seed repeat)`` of each entry of ``per_fold``."""
+    small_folds: str = ""
+    """The one-line small-fold warning of this evaluation ('' when every test fold was large enough)."""
 
     @property
     def metrics(self) -> list[str]:
         return list(self.summary)
+
+    def estimator_labels(self, metric: str | None = None) -> dict[str, str]:
+        """``estimator key -> "value label; 95% CI: CI label"`` for a metric's summary (default: the first)."""
+        entry = self.summary[metric or next(iter(self.summary))]
+        n = int(entry.get("n_folds", 0)) or None
+        return {k: stats.estimator_label(k, n) + "; 95% CI: " + stats.estimator_label(k, n, ci=True)
+                for k in stats.summary_estimators(entry)}
 
 
 def _label_index(manifest: pd.DataFrame, classes: list[str]) -> pd.Series:
@@ -90,6 +107,7 @@ def evaluate_features(
     progress: Progress | None = None,
     metrics: list[str] | None = None,
     attention_per_fold: int = 2,
+    check_folds: bool = True,
 ) -> EvalResult:
     """Evaluate ``features`` (``slide_id -> [N, D]``) on a task over ``splits``.
 
@@ -99,6 +117,11 @@ def evaluate_features(
     for the Cox model with a ``cox_`` prefix, plus ``logrank_p``. ``progress(message, done, total)`` is
     called after each fold (all its seeds). Fold ``k``, repeat ``s`` is trained with seed
     ``opts.seed + 1000 * s + k``.
+
+    With ``check_folds`` the test folds are counted on the slides that have features (see
+    :mod:`histobench.evaluate.folds`): too few patients of a class refuses under ``opts.small_folds ==
+    "refuse"``; under ``"fewer"`` the splits are the caller's choice (``check_fold_sizes`` makes fewer folds
+    before pretraining), so the evaluation goes on with a ``UserWarning``, kept in ``EvalResult.small_folds``.
     """
     import torch
 
@@ -148,6 +171,17 @@ def evaluate_features(
     if len(dims) != 1:
         raise HistobenchError(f"feature widths differ between slides: {sorted(dims)}")
     in_dim = dims.pop()
+
+    small = ""
+    if check_folds:
+        from histobench.evaluate.folds import describe_small_fold, fold_class_counts
+
+        problem = describe_small_fold(fold_class_counts(splits, m, task_kind, classes), opts.min_test_per_class, task_kind)
+        if problem:
+            small = f"split {splits.name!r} ({m['case_id'].nunique()} patients with features): {problem}"
+            if opts.small_folds == "refuse":
+                raise HistobenchError(f"{small}; refusing (eval.small_folds=refuse): use fewer folds (-o task.folds=K)")
+            warnings.warn(f"{small}; per-fold values are coarse", stacklevel=2)
 
     leaks = splits.audit(manifest)
     if len(leaks):
@@ -226,23 +260,7 @@ def evaluate_features(
 
     # ------------------------------------------------------------------ summary
     predictions = pd.concat(frames, ignore_index=True)
-    summary: dict[str, dict[str, Any]] = {}
-    for name in per_fold[0]:
-        values = np.array([f[name] for f in per_fold], dtype=np.float64)
-        finite = values[np.isfinite(values)]
-        if name == "logrank_p":  # a p-value: no bootstrap; pooled = the test on within-fold median splits
-            pooled, (lo, hi) = logrank_pooled(predictions), (float("nan"), float("nan"))
-        else:
-            pooled = stats.statistic(predictions, task_kind, name, classes)
-            lo, hi = stats.bootstrap(predictions, task_kind, name, classes, n=opts.bootstrap, seed=opts.seed)
-        summary[name] = {
-            "mean": float(finite.mean()) if len(finite) else float("nan"),
-            "sd": float(finite.std(ddof=1)) if len(finite) > 1 else float("nan"),
-            "pooled": pooled,
-            "ci_low": lo,
-            "ci_high": hi,
-            "n_folds": int(len(finite)),
-        }
+    summary = _summarise(per_fold, index, predictions, task_kind, classes, opts)
     return EvalResult(
         task_kind=task_kind,
         classes=classes,
@@ -256,7 +274,31 @@ def evaluate_features(
         n_leaks=int(leaks["case_id"].nunique()) if len(leaks) else 0,
         attention=attention,
         per_fold_index=index,
+        small_folds=small,
     )
+
+
+def _summarise(per_fold: list[dict[str, float]], index: list[tuple[int, int]], predictions: pd.DataFrame,
+               task_kind: str, classes: list[str], opts: EvalOptions) -> dict[str, dict[str, Any]]:
+    """Each metric's estimators with their own CIs (the keys of :attr:`EvalResult.summary`)."""
+    summary: dict[str, dict[str, Any]] = {}
+    folds = [k for k, _ in index]
+    n_patients = int(predictions["case_id"].nunique())
+    for name in per_fold[0]:
+        by_fold = pd.Series([f[name] for f in per_fold], dtype=np.float64).groupby(folds).mean()  # seeds averaged
+        entry: dict[str, Any] = stats.fold_estimate(by_fold.to_numpy(), name)
+        entry["mean"], entry["sd"] = entry["fold_mean"], entry["fold_sd"]
+        key = stats.bootstrap_estimator(task_kind, name)
+        if key == "pooled_test":  # a p-value: no bootstrap; the test on within-fold median splits
+            entry["pooled"] = logrank_pooled(predictions)
+        else:
+            entry[key] = stats.statistic(predictions, task_kind, name, classes)
+            entry[f"{key}_ci_low"], entry[f"{key}_ci_high"] = stats.bootstrap(
+                predictions, task_kind, name, classes, n=opts.bootstrap, seed=opts.seed)
+            if key == "pooled":
+                entry["n_patients"] = n_patients
+        summary[name] = entry
+    return summary
 
 
 def survival_metric_names(names: list[str]) -> list[str]:

@@ -1,19 +1,35 @@
-"""Statistics on out-of-fold predictions: the headline statistic, patient-level bootstrap CIs, paired tests.
+"""Statistics on out-of-fold predictions: the estimators a run reports, their CIs, and paired tests.
 
 Everything here works on a predictions table (the ``predictions.csv`` a run logs): one row per test slide
 and seed, ``slide_id, case_id, fold, seed`` and, for classification, ``label`` (class index) and
 ``prob_<class>``; for survival ``time, event, risk`` (discrete-time model) and ``cox_risk`` (Cox PH).
 
-**The statistic.** For classification it is the metric of the pooled out-of-fold predictions (all folds
-and seeds together). For survival, risks from different folds come from different models and are not on
-one scale (a Cox linear predictor in particular), so the statistic is the *mean over (fold, seed) of the
-per-fold metric*, each fold's value computed on its own test patients only.
+**Two estimators, each with its own CI.** A run reports every metric twice, and every CI belongs to the
+value it is printed and logged beside (:data:`ESTIMATORS` names each one for humans, :func:`estimator_label`
+fills in the fold count):
+
+* ``fold``: the mean ± sd over folds of the per-fold metric (each fold's value averaged over seed repeats
+  first), with a two-sided t-interval over the folds, clipped to the metric's range. It treats the folds as
+  independent samples; they share training patients, so the interval is optimistic (Bengio & Grandvalet,
+  JMLR 2004: no unbiased estimator of the variance of k-fold CV exists). Logged as ``<m>_fold_mean``,
+  ``<m>_fold_sd``, ``<m>_fold_ci_low``, ``<m>_fold_ci_high`` (``<m>_mean``/``<m>_sd`` are kept as the same
+  fold values for older readers).
+* ``pooled`` (classification): the metric of the pooled out-of-fold predictions (all folds and seeds
+  together), with a percentile CI from a bootstrap over patients. Logged as ``<m>_pooled``,
+  ``<m>_pooled_ci_low``, ``<m>_pooled_ci_high``.
+* ``fold_boot`` (survival): risks from different folds come from different models and are not on one
+  scale (a Cox linear predictor in particular), so survival has no pooled c-index. Its second estimator is
+  the mean over (fold, seed) of the per-fold metric with a patient bootstrap drawn *within* each fold
+  (each fold keeps its number of patients). Logged as ``<m>_fold_boot`` and ``<m>_fold_boot_ci_*``.
+
+:func:`statistic` and :func:`bootstrap` compute a task kind's bootstrapped estimator (``pooled`` or
+``fold_boot``, see :func:`bootstrap_estimator`).
 
 **Bootstrap.** Patients are resampled with replacement (a drawn patient brings all its slides and seeds);
-for survival the draws are made within each fold (each fold keeps its number of patients), matching the
-fold-wise statistic. Replicates where the metric is undefined are dropped. The CI is the 2.5/97.5
-percentile interval. A paired comparison of two runs on the same splits draws the *same* patients for both
-runs in each replicate and takes the percentile interval of the difference.
+for survival the draws are made within each fold. Replicates where the metric is undefined are dropped. The
+CI is the 2.5/97.5 percentile interval. A paired comparison of two runs on the same splits draws the *same*
+patients for both runs in each replicate and takes the percentile interval of the difference; its fold
+estimator is the mean of the per-fold differences with a paired t-interval over folds.
 """
 
 from __future__ import annotations
@@ -31,6 +47,75 @@ SURVIVAL_RISKS = {"": "risk", "cox_": "cox_risk"}
 
 SURVIVAL_METRICS = ("c_index", "c_index_uno")
 """The metrics defined on ``(time, event)`` and a risk."""
+
+ESTIMATORS: dict[str, tuple[str, str]] = {
+    "fold": ("mean ± sd over {n} folds", "t-interval over folds"),
+    "pooled": ("pooled out-of-fold patients", "patient bootstrap"),
+    "fold_boot": ("mean over {n} folds", "patient bootstrap within folds"),
+    "pooled_test": ("log-rank test on pooled out-of-fold patients, each split at its fold's median risk", "no CI"),
+}
+"""The one place that names each estimator for humans: ``key -> (what the value is, what its 95% CI is)``.
+
+``key`` is the prefix of the summary entries and of the MLflow metrics (``<metric>_<key>...``); ``{n}`` is
+the number of folds. ``pooled_test`` is ``logrank_p``'s ``pooled`` entry (a p-value, no CI)."""
+
+METRIC_RANGE: dict[str, tuple[float, float]] = {"qwk": (-1.0, 1.0)}
+"""Range of a metric where it is not [0, 1] (t-intervals are clipped to it); ``logrank_p`` gets no interval."""
+
+
+def estimator_label(key: str, n_folds: int | None = None, *, ci: bool = False) -> str:
+    """The human label of an estimator (``ci=True``: of its 95% CI), e.g. ``"mean ± sd over 10 folds"``."""
+    if key not in ESTIMATORS:
+        raise HistobenchError(f"unknown estimator {key!r}; estimators: {', '.join(ESTIMATORS)}")
+    text = ESTIMATORS[key][1 if ci else 0]
+    return text.replace("{n}", str(n_folds) if n_folds is not None else "k")
+
+
+def bootstrap_estimator(task_kind: str, metric: str = "") -> str:
+    """Which estimator :func:`statistic` computes for a task kind: ``pooled``, or ``fold_boot`` for survival."""
+    if metric == "logrank_p":
+        return "pooled_test"
+    return "fold_boot" if task_kind == "survival" else "pooled"
+
+
+def summary_estimators(entry: dict[str, Any]) -> list[str]:
+    """The estimators present in one metric's summary entry, in display order (``fold`` first)."""
+    keys = ["fold"] if "fold_mean" in entry else []
+    if "pooled" in entry:
+        keys.append("pooled" if "pooled_ci_low" in entry else "pooled_test")
+    if "fold_boot" in entry:
+        keys.append("fold_boot")
+    return keys
+
+
+def t_interval(values, *, alpha: float = 0.05, bounds: tuple[float, float] | None = (0.0, 1.0)) -> tuple[float, float]:
+    """Two-sided ``1 - alpha`` t-interval of the mean of ``values`` (finite ones), clipped to ``bounds``.
+
+    ``nan`` with fewer than two finite values. The mean always lies inside (clipping keeps it, as the mean
+    of values inside ``bounds`` is inside them).
+    """
+    from scipy.stats import t
+
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if len(v) < 2:
+        return float("nan"), float("nan")
+    half = float(t.ppf(1 - alpha / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+    lo, hi = float(v.mean()) - half, float(v.mean()) + half
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return lo, hi
+
+
+def fold_estimate(values, metric: str = "", *, alpha: float = 0.05) -> dict[str, float]:
+    """The ``fold`` estimator of per-fold values (one per fold): mean, sd, t-interval and the fold count."""
+    v = np.asarray(values, dtype=np.float64)
+    finite = v[np.isfinite(v)]
+    lo, hi = (float("nan"), float("nan")) if metric == "logrank_p" else t_interval(
+        finite, alpha=alpha, bounds=METRIC_RANGE.get(metric, (0.0, 1.0)))
+    return {"fold_mean": float(finite.mean()) if len(finite) else float("nan"),
+            "fold_sd": float(finite.std(ddof=1)) if len(finite) > 1 else float("nan"),
+            "fold_ci_low": lo, "fold_ci_high": hi, "n_folds": int(len(finite))}
 
 
 def _seed_col(pred: pd.DataFrame) -> pd.Series:
@@ -62,7 +147,8 @@ def per_fold_values(pred: pd.DataFrame, task_kind: str, metric: str, classes: li
 
 
 def statistic(pred: pd.DataFrame, task_kind: str, metric: str, classes: list[str] | None = None) -> float:
-    """The headline value (see the module docstring): pooled for classification, fold-wise mean for survival."""
+    """The bootstrapped estimator's value (module docstring): ``pooled`` for classification, ``fold_boot``
+    (mean over (fold, seed) of the per-fold metric) for survival."""
     if task_kind != "survival":
         return metric_on_rows(pred, task_kind, metric, classes)
     values = [metric_on_rows(rows, task_kind, metric, classes)
@@ -102,7 +188,8 @@ def _interval(values: list[float], alpha: float) -> tuple[float, float]:
 
 def bootstrap(pred: pd.DataFrame, task_kind: str, metric: str, classes: list[str] | None = None, *,
               n: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
-    """Percentile CI of :func:`statistic` over patient resamples (within folds for survival)."""
+    """Percentile CI of :func:`statistic` over patient resamples (within folds for survival): the CI of the
+    ``pooled`` (``fold_boot``) estimator, never of the fold mean ± sd."""
     if n <= 0 or pred.empty:
         return float("nan"), float("nan")
     sampler = _Resampler([pred], by_fold=task_kind == "survival", seed=seed)
@@ -116,12 +203,15 @@ def bootstrap(pred: pd.DataFrame, task_kind: str, metric: str, classes: list[str
 def paired_comparison(pred_a: pd.DataFrame, pred_b: pd.DataFrame, task_kind: str, metric: str,
                       classes: list[str] | None = None, *, n: int = 1000, seed: int = 0,
                       alpha: float = 0.05) -> dict[str, Any]:
-    """Compare run A with run B evaluated on the same folds: ``A - B`` with a paired CI and a Wilcoxon p.
+    """Compare run A with run B evaluated on the same folds: ``A - B`` by both estimators, each with its CI.
 
-    Returns ``a``, ``b`` and ``difference`` (the :func:`statistic` of each and their difference),
-    ``ci_low``/``ci_high`` (paired patient bootstrap of the difference), ``folds`` (a table of per-fold
-    values and differences), ``wilcoxon_p`` (two-sided signed-rank test of the per-fold differences; ``nan``
-    with fewer than two non-zero differences) and ``n_folds``.
+    Returns ``a``, ``b`` and ``difference`` (the :func:`statistic` of each run, i.e. the ``estimator``
+    ``pooled`` for classification and ``fold_boot`` for survival, and their difference), ``ci_low``/``ci_high``
+    (paired patient bootstrap of that difference); ``fold_a``, ``fold_b``, ``fold_difference`` (means over
+    folds of each run's per-fold values and of the per-fold differences) with ``fold_ci_low``/``fold_ci_high``
+    (paired t-interval over the folds' differences); ``folds`` (a table of per-fold values and differences),
+    ``wilcoxon_p`` (two-sided signed-rank test of the per-fold differences; ``nan`` with fewer than two
+    non-zero differences) and ``n_folds``.
     """
     from scipy.stats import wilcoxon
 
@@ -147,5 +237,13 @@ def paired_comparison(pred_a: pd.DataFrame, pred_b: pd.DataFrame, task_kind: str
             diffs.append(statistic(pred_a.iloc[ra], task_kind, metric, classes)
                          - statistic(pred_b.iloc[rb], task_kind, metric, classes))
         lo, hi = _interval(diffs, alpha)
-    return {"metric": metric, "a": a, "b": b, "difference": a - b, "ci_low": lo, "ci_high": hi,
+    low, high = METRIC_RANGE.get(metric, (0.0, 1.0))
+    flo, fhi = t_interval(folds["difference"], alpha=alpha, bounds=(low - high, high - low))
+    diffs = folds["difference"].to_numpy()
+    return {"metric": metric, "estimator": bootstrap_estimator(task_kind, metric), "a": a, "b": b,
+            "difference": a - b, "ci_low": lo, "ci_high": hi,
+            "fold_a": float(folds["a"].mean()) if len(folds) else float("nan"),
+            "fold_b": float(folds["b"].mean()) if len(folds) else float("nan"),
+            "fold_difference": float(diffs.mean()) if len(diffs) else float("nan"),
+            "fold_ci_low": flo, "fold_ci_high": fhi,
             "wilcoxon_p": p, "n_folds": int(len(folds)), "folds": folds}

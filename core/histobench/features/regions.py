@@ -13,12 +13,27 @@ from dataclasses import replace
 
 import numpy as np
 
+from histobench.errors import HistobenchError
 from histobench.slides.tiling import TileSet, tile_slide
 
 
 def region_tiles(slide, *, patch_mpp: float, patch_px: int, grid: int, min_tissue: float) -> TileSet:
-    """The kept regions of one slide (a :class:`TileSet` whose tiles are whole regions)."""
-    return tile_slide(slide, mpp=patch_mpp, tile_size=patch_px * grid, min_tissue=min_tissue)
+    """The kept regions of one slide (a :class:`TileSet` whose tiles are whole regions).
+
+    A slide narrower or shorter than one region at ``patch_mpp`` cannot hold any region, whatever its tissue:
+    that raises ``HistobenchError("slide smaller than one region (W×H px at X µm/px vs a region of R px)")``
+    (W×H the slide's size at ``patch_mpp``), which the pipeline records as the slide's reason in the status
+    table, so it is never reported as "no tissue region".
+    """
+    region = patch_px * grid
+    if patch_mpp > 0 and getattr(slide, "mpp", None):
+        w0, h0 = slide.dimensions
+        side0 = region * patch_mpp / slide.mpp  # a region's side in level-0 px, as tile_slide lays the grid
+        if min(w0, h0) / side0 + 1e-9 < 1:
+            w, h = w0 * slide.mpp / patch_mpp, h0 * slide.mpp / patch_mpp
+            raise HistobenchError(f"slide smaller than one region ({w:.0f}×{h:.0f} px at {patch_mpp:g} µm/px "
+                                  f"vs a region of {region} px)")
+    return tile_slide(slide, mpp=patch_mpp, tile_size=region, min_tissue=min_tissue)
 
 
 def patches_of(regions: TileSet, grid: int, patch_px: int) -> TileSet:
