@@ -9,7 +9,7 @@ from pydantic import BaseModel, ValidationError
 
 from histobench.errors import OptionError
 
-PREFIXES = ("encoder", "pretext", "aggregator", "task", "train", "eval", "segmenter", "text_encoder")
+PREFIXES = ("encoder", "pretext", "aggregator", "task", "train", "eval", "segmenter", "text_encoder", "analysis")
 
 
 def parse_value(raw: str) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from histobench.cli.analyze import analyze_cmd
 from histobench.cli.common import handle_errors
 from histobench.cli.components import KIND_COMMANDS, make_kind_app, plugins_cmd
 from histobench.cli.compare import compare_cmd
@@ -26,8 +27,12 @@ def build_app() -> typer.Typer:
     app.command("pretrain", rich_help_panel="Pipeline")(handle_errors(pretrain_cmd))
     app.command("extract", rich_help_panel="Pipeline")(handle_errors(extract_cmd))
     app.command("evaluate", rich_help_panel="Pipeline")(handle_errors(evaluate_cmd))
+    from histobench.cli.segment import segment_cmd
+
+    app.command("segment", rich_help_panel="Pipeline")(handle_errors(segment_cmd))
     app.command("leaderboard", rich_help_panel="Results")(handle_errors(leaderboard_cmd))
     app.command("compare", rich_help_panel="Results")(handle_errors(compare_cmd))
+    app.command("analyze", rich_help_panel="Results")(handle_errors(analyze_cmd))
     app.command("plugins", rich_help_panel="Plugins")(handle_errors(plugins_cmd))
     from histobench.cli import cohort, slides, splits
 

@@ -1,12 +1,18 @@
-"""An example histobench plugin: a max-pooling aggregator and a ``hello`` command."""
+"""An example histobench plugin: a max-pooling aggregator, a ``feature-norms`` analysis and a ``hello`` command."""
 
 from histobench import hookimpl
+from histobench_example.feature_norms import FeatureNorms
 from histobench_example.maxpool import MaxPool
 
 
 @hookimpl
 def register_aggregators(register):
     register(MaxPool)
+
+
+@hookimpl
+def register_analyses(register):
+    register(FeatureNorms)
 
 
 @hookimpl
