@@ -27,6 +27,9 @@ def build_app() -> typer.Typer:
     app.command("pretrain", rich_help_panel="Pipeline")(handle_errors(pretrain_cmd))
     app.command("extract", rich_help_panel="Pipeline")(handle_errors(extract_cmd))
     app.command("evaluate", rich_help_panel="Pipeline")(handle_errors(evaluate_cmd))
+    from histobench.cli.segment import segment_cmd
+
+    app.command("segment", rich_help_panel="Pipeline")(handle_errors(segment_cmd))
     app.command("leaderboard", rich_help_panel="Results")(handle_errors(leaderboard_cmd))
     app.command("compare", rich_help_panel="Results")(handle_errors(compare_cmd))
     app.command("analyze", rich_help_panel="Results")(handle_errors(analyze_cmd))
