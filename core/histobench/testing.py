@@ -75,8 +75,38 @@ def check_encoder(name: str, options: dict[str, Any] | None = None) -> None:
     out.sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters()), "no gradient reaches the encoder"
     if hasattr(module, "forward_tokens"):
+        _check_tokens(module, x)
+
+
+def _check_tokens(module: Any, x: Any) -> None:
+    """``forward_tokens`` with ``num_prefix_tokens`` (and ``token_grid``); ``cls_attention`` rows sum to 1."""
+    import torch
+
+    from histobench.errors import HistobenchError
+
+    with torch.no_grad():
         tokens = module.forward_tokens(x)
-        assert tokens.ndim == 3 and tokens.shape[0] == 3 and tokens.shape[-1] == module.embed_dim
+        b = x.shape[0]
+        assert tokens.ndim == 3 and tokens.shape[0] == b and tokens.shape[-1] == module.embed_dim, \
+            f"forward_tokens gave {tuple(tokens.shape)}, expected ({b}, T, {module.embed_dim})"
+        prefix = getattr(module, "num_prefix_tokens", None)
+        assert isinstance(prefix, int) and 0 <= prefix < tokens.shape[1], \
+            "an encoder with forward_tokens needs an int num_prefix_tokens (class and register tokens, which come first)"
+        if hasattr(module, "token_grid"):
+            h, w = module.token_grid(x)
+            assert tokens.shape[1] == prefix + h * w, \
+                f"forward_tokens gave {tokens.shape[1]} tokens, expected {prefix} prefix + {h}x{w} patches"
+        if not hasattr(module, "cls_attention"):
+            return
+        try:
+            att = module.cls_attention(x)
+        except HistobenchError:  # an architecture without [CLS] attention (a CNN) says so
+            return
+        n = tokens.shape[1] - prefix
+        assert att.ndim == 3 and att.shape[0] == b and att.shape[2] == n, \
+            f"cls_attention gave {tuple(att.shape)}, expected ({b}, heads, {n})"
+        assert (att >= 0).all() and torch.allclose(att.sum(-1), torch.ones_like(att[..., 0]), atol=1e-5), \
+            "cls_attention rows must sum to 1 over the patch tokens"
 
 
 class SyntheticMaskedTiles:

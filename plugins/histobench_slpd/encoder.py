@@ -114,7 +114,8 @@ def _module_class() -> type:
     from torch import nn
 
     class HIPTViT4K(nn.Module):
-        """``forward(grid [B, in_dim, h, w]) -> [B, dim]`` ([CLS] after the final LayerNorm)."""
+        """``forward(grid [B, in_dim, h, w]) -> [B, dim]`` ([CLS] after the final LayerNorm); tokens and [CLS] attention
+        as :class:`histobench_timm.encoder.TimmBackbone` gives them, one token per grid cell."""
 
         def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, mlp_ratio: float,
                      drop_path_rate: float, pos_grid: int):
@@ -160,6 +161,22 @@ def _module_class() -> type:
             g = grid_pos.reshape(1, self.pos_grid, self.pos_grid, -1).permute(0, 3, 1, 2)
             g = F.interpolate(g.float(), size=(h, w), mode="bicubic", align_corners=False).to(grid_pos.dtype)
             return torch.cat([cls_pos, g.permute(0, 2, 3, 1).reshape(1, h * w, -1)], dim=1)
+
+        num_prefix_tokens = 1  # the [CLS] token; then one token per grid cell
+
+        def token_grid(self, x: torch.Tensor) -> tuple[int, int]:
+            """``(h, w)``: one token per cell of the input grid."""
+            return int(x.shape[-2]), int(x.shape[-1])
+
+        def patch_tokens(self, x: torch.Tensor) -> torch.Tensor:
+            """``[B, h*w, dim]``: the grid tokens of :meth:`forward_tokens`."""
+            return self.forward_tokens(x)[:, 1:]
+
+        def cls_attention(self, x: torch.Tensor) -> torch.Tensor:
+            """``[B, heads, h*w]``: the last block's [CLS]→cell attention, rows summing to 1."""
+            from histobench.ssl.attention import vit_cls_attention
+
+            return vit_cls_attention(self, x, name="hipt-vit4k")
 
         def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
             """``[B, 1 + h*w, dim]``: normed [CLS] then the grid tokens in row-major order."""

@@ -163,21 +163,59 @@ def _backbone_class() -> type:
     from torch import nn
 
     class TimmBackbone(nn.Module):
-        """A timm model with ``embed_dim``, ``forward(x) -> [B, D]`` and ``forward_tokens(x) -> [B, T, D]``."""
+        """A timm model with ``embed_dim``, ``forward(x) -> [B, D]`` and the token contract of dense methods.
+
+        ``forward_tokens(x) -> [B, T, D]`` (after the final norm) starts with ``num_prefix_tokens`` class and
+        register tokens (0 for a CNN's feature map, whose cells are the tokens, row-major); the rest are the
+        patches, ``token_grid(x) -> (h, w)`` of them, also served alone by ``patch_tokens(x) -> [B, h*w, D]``.
+        ViTs add ``cls_attention(x) -> [B, heads, h*w]`` (:func:`histobench.ssl.attention.vit_cls_attention`).
+        """
 
         def __init__(self, model: nn.Module):
             super().__init__()
             self.model = model
             self.embed_dim = int(model.num_features)
+            self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
+            self.arch = str(getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__)
+            self._grids: dict[tuple[int, int], tuple[int, int]] = {}
 
         def forward(self, x):
             return self.model(x)
 
         def forward_tokens(self, x):
             tokens = self.model.forward_features(x)
-            if tokens.ndim == 4:  # a CNN's feature map [B, D, h, w] -> [B, h*w, D]
-                tokens = tokens.flatten(2).transpose(1, 2)
+            if tokens.ndim == 4:  # a feature map -> [B, h*w, D]: timm's NHWC models say so in output_fmt
+                nhwc = str(getattr(self.model, "output_fmt", "NCHW")) == "NHWC"
+                tokens = tokens.flatten(1, 2) if nhwc else tokens.flatten(2).transpose(1, 2)
             return tokens
+
+        def patch_tokens(self, x):
+            """``[B, h*w, D]``: the patch (or feature-map cell) tokens, prefix tokens dropped."""
+            return self.forward_tokens(x)[:, self.num_prefix_tokens:]
+
+        def token_grid(self, x) -> tuple[int, int]:
+            """``(h, w)``, the patch grid of ``forward_tokens`` for an input of ``x``'s size (any size a dynamic ViT takes)."""
+            size = (int(x.shape[-2]), int(x.shape[-1]))
+            patch_embed = getattr(self.model, "patch_embed", None)
+            if hasattr(self.model, "num_prefix_tokens") and hasattr(patch_embed, "dynamic_feat_size"):
+                # ViTs: from the patch size (and padding), no forward; hierarchical models (Swin) are measured
+                return tuple(int(v) for v in patch_embed.dynamic_feat_size(size))
+            if size not in self._grids:  # other models: measure once per input size on one probe image
+                import torch
+
+                with torch.no_grad():
+                    out = self.model.forward_features(x[:1])
+                if out.ndim != 4:
+                    raise HistobenchError(f"encoder architecture {self.arch!r} gives tokens without a known patch grid")
+                nhwc = str(getattr(self.model, "output_fmt", "NCHW")) == "NHWC"
+                self._grids[size] = (int(out.shape[1]), int(out.shape[2])) if nhwc else (int(out.shape[2]), int(out.shape[3]))
+            return self._grids[size]
+
+        def cls_attention(self, x):
+            """``[B, heads, h*w]``: the last block's [CLS]→patch attention, rows summing to 1 (ViTs only)."""
+            from histobench.ssl.attention import vit_cls_attention
+
+            return vit_cls_attention(self.model, x, name=f"encoder architecture {self.arch!r}")
 
         def set_drop_path(self, rate: float) -> bool:
             """Stochastic depth with timm's linear decay rule over the blocks (``rate`` at the last one).
