@@ -26,12 +26,26 @@ METRICS = ("macro_auc", "balanced_accuracy", "weighted_f1")
 
 def log_run(tracker: Tracker, pretext: str, auc: float, ci: tuple[float, float] | None, *, task: str = TASK,
             demo: bool = False, pretrain: bool = False, fail: bool = False, split_hash: str = "abc123",
-            with_primary: bool = True) -> str:
-    """One finished ``histobench run`` parent run (and its nested stages) as the pipeline logs it."""
+            with_primary: bool = True, protocol: str | None = None, eval_params: dict | None = None,
+            legacy: bool = False, tags: dict | None = None) -> str:
+    """One finished ``histobench run`` parent run (and its nested stages) as the pipeline logs it.
+
+    ``ci`` is the fold CI of the primary metric (the pooled CI is ``ci`` shifted down by 0.05); ``legacy``
+    logs the metric names of runs made before the estimators were named (``_mean``, ``_pooled``, ``_ci_low``
+    = the pooled CI). ``eval_params`` are logged as ``eval.*`` params (default: the task's defaults).
+    """
+    from histobench.leaderboard import expected_eval
+    from histobench.registry import get_component
+
     name = f"{pretext}+timm+abmil" + ("-demo" if demo else "")
-    with tracker.run(task, name, stage="run", tags={"histobench.demo": demo}) as run_id:
+    run_tags = {"histobench.demo": demo, **({"histobench.protocol": protocol} if protocol else {}), **(tags or {})}
+    with tracker.run(task, name, stage="run", tags=run_tags) as run_id:
+        defaults = expected_eval(get_component("task", task).cls, demo)
         tracker.params({"run": {"pretext": pretext, "seed": 0, "demo": demo},
-                        "encoder": {"name": "timm"}, "aggregator": {"name": "abmil"}})
+                        "encoder": {"name": "timm"}, "aggregator": {"name": "abmil"},
+                        "eval": {**defaults, **(eval_params or {})}})
+        if protocol:
+            tracker.params({"protocol": {"lr_scale": 0.1}})
         tracker.tags({"histobench.git_sha": "0123456789abcdef0123", "histobench.hw.device": "cpu",
                       "histobench.plugin.pretext": f"{pretext} histobench==0.1.0",
                       "histobench.plugin.task": "tcga histobench-tcga==0.1.0",
@@ -50,9 +64,17 @@ def log_run(tracker: Tracker, pretext: str, auc: float, ci: tuple[float, float] 
             if metric == "macro_auc" and not with_primary:
                 continue
             value = auc - 0.1 * i
-            summary.update({f"{metric}_mean": value, f"{metric}_sd": 0.02, f"{metric}_pooled": value})
+            if legacy:
+                summary.update({f"{metric}_mean": value, f"{metric}_sd": 0.02, f"{metric}_pooled": value - 0.05})
+                if ci is not None:
+                    summary.update({f"{metric}_ci_low": ci[0] - 0.1 * i - 0.05, f"{metric}_ci_high": ci[1] - 0.1 * i - 0.05})
+                continue
+            summary.update({f"{metric}_fold_mean": value, f"{metric}_fold_sd": 0.02, f"{metric}_mean": value,
+                            f"{metric}_sd": 0.02, f"{metric}_pooled": value - 0.05, f"{metric}_n_folds": 3})
             if ci is not None:
-                summary.update({f"{metric}_ci_low": ci[0] - 0.1 * i, f"{metric}_ci_high": ci[1] - 0.1 * i})
+                summary.update({f"{metric}_fold_ci_low": ci[0] - 0.1 * i, f"{metric}_fold_ci_high": ci[1] - 0.1 * i,
+                                f"{metric}_pooled_ci_low": ci[0] - 0.1 * i - 0.05,
+                                f"{metric}_pooled_ci_high": ci[1] - 0.1 * i - 0.05})
         tracker.metrics({**summary, "wall_seconds": 90.0})
         if fail:
             raise RuntimeError("the run broke at the end")
@@ -66,16 +88,22 @@ def store(tmp_path_factory):
     tracker = Tracker(uri)
     ids = {
         "second": log_run(tracker, "none", 0.88, (0.80, 0.93)),  # CI reaches the top row's: top group
-        "first": log_run(tracker, "dino", 0.90, (0.85, 0.95), pretrain=True),
-        "last": log_run(tracker, "simclr", 0.70, (0.60, 0.80)),  # clearly worse
-        "demo": log_run(tracker, "mae", 0.75, (0.70, 0.86), demo=True),
-        "no_ci": log_run(tracker, "byol", 0.60, None),
+        "first": log_run(tracker, "dino", 0.90, (0.85, 0.95), pretrain=True,
+                         tags={"histobench.pretrain_cohort": "transductive"}),
+        "last": log_run(tracker, "simclr", 0.70, (0.60, 0.80), eval_params={"epochs": 5, "device": "cpu"}),  # clearly worse
+        "demo": log_run(tracker, "mae", 0.75, (0.70, 0.86), demo=True),  # the demo preset's eval: not marked
+        "no_ci": log_run(tracker, "byol", 0.60, None, tags={"histobench.pretrain_cohort": "tcga-brca"}),
+        "ft_low": log_run(tracker, "dino", 0.80, (0.70, 0.84), protocol="finetune"),  # another protocol: own ranking
+        "ft_top": log_run(tracker, "simclr", 0.85, (0.83, 0.90), protocol="finetune", legacy=True),
     }
     with pytest.raises(RuntimeError):
         log_run(tracker, "broken", 0.99, (0.98, 1.0), fail=True)  # FAILED: never listed
     log_run(tracker, "unfinished", 0.95, (0.9, 0.97), with_primary=False)  # no primary metric: not listed
     log_run(tracker, "other-task", 0.99, (0.98, 1.0), task="tcga-brca")
     return tmp, uri, ids
+
+
+ORDER = ("first", "second", "demo", "last", "no_ci", "ft_top", "ft_low")
 
 
 def invoke(*args: str):
@@ -92,21 +120,33 @@ def written(store):
     return out, result, ids
 
 
-def test_csv_ranks_runs_by_the_primary_metric(written):
+def test_csv_ranks_runs_by_the_primary_metric_within_each_protocol(written):
     out, result, ids = written
     assert sorted(p.name for p in out.iterdir()) == [f"{TASK}.csv", f"{TASK}.html", f"{TASK}.md"]
     assert "written:" in result.output and "│" not in result.output  # no "table" format asked for
     df = pd.read_csv(out / f"{TASK}.csv", keep_default_na=False)
-    assert list(df["run_id"]) == [ids[k] for k in ("first", "second", "demo", "last", "no_ci")]
-    assert list(df["rank"]) == [1, 2, 3, 4, 5]
-    assert list(df["pretext"]) == ["dino", "none", "mae", "simclr", "byol"]
-    assert list(df["top group"]) == ["✓", "✓", "✓", "", ""]
-    assert list(df["demo"]) == [False, False, True, False, False]
+    assert list(df["run_id"]) == [ids[k] for k in ORDER]
+    assert list(df["protocol"]) == ["frozen-mil"] * 5 + ["finetune"] * 2  # the default protocol first
+    assert list(df["rank"]) == [1, 2, 3, 4, 5, 1, 2]
+    assert list(df["pretext"]) == ["dino", "none", "mae", "simclr", "byol", "simclr", "dino"]
+    # top group: the fold CI overlaps its own protocol's top row's (a legacy top row has no fold CI)
+    assert list(df["top group"]) == ["✓", "✓", "✓", "", "", "✓", ""]
+    assert list(df["demo"]) == [False, False, True, False, False, False, False]
     first = df.iloc[0]
     assert first["macro_auc"] == "0.900 ± 0.020" and first["weighted_f1"] == "0.700 ± 0.020"
-    assert first["macro_auc 95% CI"] == "[0.850, 0.950]" and df.iloc[4]["macro_auc 95% CI"] == ""
+    assert first["macro_auc fold 95% CI"] == "[0.850, 0.950]" and df.iloc[4]["macro_auc fold 95% CI"] == ""
+    assert float(first["macro_auc pooled"]) == 0.85 and first["macro_auc pooled 95% CI"] == "[0.800, 0.900]"
+    legacy = df.iloc[5]  # old names: _mean is the fold mean, _ci_low/_ci_high the pooled CI
+    assert legacy["macro_auc"] == "0.850 ± 0.020" and legacy["macro_auc fold 95% CI"] == ""
+    assert float(legacy["macro_auc pooled"]) == 0.8 and legacy["macro_auc pooled 95% CI"] == "[0.780, 0.850]"
     cols = list(df.columns)
-    assert cols.index("top group") == cols.index("macro_auc 95% CI") + 1
+    assert cols.index("top group") == cols.index("macro_auc fold 95% CI") + 1
+    assert cols.index("macro_auc pooled 95% CI") == cols.index("macro_auc pooled") + 1
+    # non-default eval: the demo run is compared with the demo preset; device does not count
+    assert list(df["non-default eval"]) == ["", "", "", "† epochs=5", "", "", ""]
+    assert list(df["pretrain cohort"]) == ["transductive", "", "transductive", "transductive", "tcga-brca",
+                                           "transductive", "transductive"]
+    assert df.iloc[5]["protocol options"] == "lr_scale=0.1" and first["protocol options"] == ""
     # compute and provenance
     assert first["pretrain hours"].endswith("(CPU)") and float(first["pretrain img/s"]) == 123.4
     assert df.iloc[1]["pretrain hours"] == "" and df.iloc[1]["pretrain img/s"] == ""
@@ -116,13 +156,34 @@ def test_csv_ranks_runs_by_the_primary_metric(written):
     assert (df["encoder"] == "timm").all() and (df["aggregator"] == "abmil").all()
 
 
-def test_markdown_has_one_row_per_run(written):
+def test_non_default_eval_compares_strings_as_logged():
+    from histobench.leaderboard import expected_eval, non_default_eval
+    from histobench.registry import get_component
+
+    cls = get_component("task", TASK).cls
+    assert expected_eval(cls, demo=False)["lr"] == "0.0002" and expected_eval(cls, demo=True)["epochs"] == "40"
+    assert non_default_eval({"eval.lr": "0.0002", "eval.epochs": "20"}, cls, demo=False) == ""
+    assert non_default_eval({"eval.lr": "0.001", "eval.epochs": "20"}, cls, demo=False) == "† lr=0.001"
+    assert non_default_eval({"eval.epochs": "20"}, cls, demo=True) == "† epochs=20"  # demo preset: 40
+    assert non_default_eval({"eval.gone": "1", "eval.device": "cuda"}, cls, demo=False) == ""  # unknown / ignored fields
+    assert non_default_eval({"run.seed": "0"}, cls, demo=False) == "not logged"
+
+
+def test_markdown_has_a_section_per_protocol_and_states_the_estimators(written):
     out, _, ids = written
     md = (out / f"{TASK}.md").read_text()
     assert md.startswith(f"# {TASK} leaderboard") and "do not edit by hand" in md
-    lines = [ln for ln in md.splitlines() if ln.startswith("| ")]
-    assert lines[0].startswith("| rank | pretext |") and len(lines) == 1 + len(ids)
-    assert lines[1].startswith("| 1 | dino |") and ids["first"] in lines[1]
+    assert "ranked within each by macro_auc's mean over folds" in md
+    assert "`macro_auc fold 95% CI`: t-interval over folds of that mean" in md
+    assert "`macro_auc pooled`: pooled out-of-fold patients, with its own 95% CI (patient bootstrap)" in md
+    assert "Pretraining is transductive by default" in md and "† = eval.* options" in md
+    assert md.index("## protocol frozen-mil") < md.index("## protocol finetune")
+    frozen, finetune = md.split("## protocol finetune")
+    rows = [ln for ln in frozen.splitlines() if ln.startswith("| ")]
+    assert rows[0].startswith("| rank | protocol | pretext |") and len(rows) == 1 + 5
+    assert rows[1].startswith("| 1 | frozen-mil | dino |") and ids["first"] in rows[1]
+    rows = [ln for ln in finetune.splitlines() if ln.startswith("| ")]
+    assert len(rows) == 3 and rows[1].startswith("| 1 | finetune | simclr |") and ids["ft_top"] in rows[1]
 
 
 def test_no_demo_and_table_format(store):
@@ -132,8 +193,11 @@ def test_no_demo_and_table_format(store):
                     "--tracking-uri", uri)
     assert result.exit_code == 0, result.output
     df = pd.read_csv(out / f"{TASK}.csv")
-    assert ids["demo"] not in set(df["run_id"]) and len(df) == 4
-    assert f"{TASK} leaderboard (by macro_auc)" in result.output and "dino" in result.output
+    assert ids["demo"] not in set(df["run_id"]) and len(df) == 6
+    out_text = result.output
+    assert f"{TASK} leaderboard · protocol frozen-mil (by macro_auc, mean over folds)" in out_text
+    assert out_text.index("protocol frozen-mil") < out_text.index("protocol finetune") and "dino" in out_text
+    assert "t-interval over folds" in out_text and "Pretraining is transductive by default" in out_text
     assert not (out / f"{TASK}.md").exists()
 
 
@@ -155,7 +219,9 @@ def test_html_is_self_contained(written):
     for external in ("http://", "https://", "//cdn", "src=", "href=", "@import", "url(", "<script", "<link"):
         assert external not in page, external
     rows = re.findall(r'<tr(?: class="top")? data-run-id="([0-9a-f]+)">', page)
-    assert rows == [ids[k] for k in ("first", "second", "demo", "last", "no_ci")]
+    assert rows == [ids[k] for k in ORDER]
+    assert re.findall(r'<table class="leaderboard" data-protocol="([^"]+)">', page) == ["frozen-mil", "finetune"]
+    assert page.count("<h2>protocol ") == 2 and "Pretraining is transductive by default" in page
 
 
 def test_html_renders_in_headless_chromium(written, tmp_path):
@@ -169,10 +235,10 @@ def test_html_renders_in_headless_chromium(written, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     dom = done.stdout
-    assert '<table id="leaderboard">' in dom
+    assert dom.count('<table class="leaderboard"') == 2
     rows = re.findall(r"<tr([^>]*)>", dom)
     run_rows = [re.search(r'data-run-id="([^"]*)"', r) for r in rows]
-    assert [m.group(1) for m in run_rows if m] == [ids[k] for k in ("first", "second", "demo", "last", "no_ci")]
-    assert sum('class="top"' in r for r in rows) == 3
+    assert [m.group(1) for m in run_rows if m] == [ids[k] for k in ORDER]
+    assert sum('class="top"' in r for r in rows) == 4
     cells = re.findall(r'<td[^>]*data-col="top group"[^>]*>([^<]*)</td>', dom)
-    assert cells == ["✓", "✓", "✓", "", ""]
+    assert cells == ["✓", "✓", "✓", "", "", "✓", ""]

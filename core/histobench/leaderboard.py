@@ -1,11 +1,19 @@
 """Leaderboards generated from MLflow runs (never hand-edited).
 
-One row per finished ``histobench run`` (or ``histobench evaluate``) of a task, ranked by the task's primary
-metric (its mean over folds x seeds). Columns: every task metric as ``mean ± sd``; the primary metric's 95%
-patient-bootstrap CI; ``top group``, a check mark for rows whose CI overlaps the top row's CI, i.e. rows not
-clearly worse than the best (overlapping intervals are a conservative screen; ``histobench compare A B``
-gives the paired test); the compute spent (pretraining hours on the device it ran on, pretraining images/s,
-extraction tiles/s, wall minutes); and provenance (run id, git sha, plugin versions, split hash).
+One row per finished ``histobench run`` (or ``histobench evaluate``) of a task, grouped by evaluation
+protocol (tag ``histobench.protocol``; runs without it are ``frozen-mil``, which comes first) and ranked
+within each protocol by one stated estimator: the primary metric's mean over folds (the ``fold`` estimator
+of :mod:`histobench.evaluate.stats`). Columns: every task metric as fold ``mean ± sd``; the primary
+metric's fold 95% CI (t-interval over folds) beside it; ``top group``, a check mark for rows whose fold CI
+overlaps the protocol's top row's, i.e. rows not clearly worse than the best (overlapping intervals are a
+conservative screen; ``histobench compare A B`` gives the paired test); the primary metric's second
+estimator (``pooled`` out-of-fold patients, or ``fold_boot`` for survival) with its own patient-bootstrap
+CI; ``non-default eval`` (``†`` and the ``eval.*`` values that differ from the task's defaults, the demo
+preset's for demo runs); the pretraining cohort (``transductive``: the evaluation cohort, labels never
+seen); the compute spent; and provenance (run id, git sha, plugin versions, split hash, protocol options).
+
+Runs logged before the estimators were named carry ``<m>_mean``, ``<m>_sd``, ``<m>_pooled`` and
+``<m>_ci_low``/``<m>_ci_high`` (the CI of ``pooled``); they are read as such (no fold CI).
 """
 
 from __future__ import annotations
@@ -20,6 +28,9 @@ from histobench.registry import get_component
 from histobench.tracking import search_runs
 
 FORMATS = ("table", "md", "csv", "html")
+DEFAULT_PROTOCOL = "frozen-mil"
+IGNORED_EVAL = frozenset({"device"})
+"""``eval.*`` fields that do not change the protocol (where it ran), left out of the non-default check."""
 
 
 def _children(task: str, tracking_uri: str | None) -> dict[str, dict[str, dict[str, Any]]]:
@@ -42,12 +53,55 @@ def _plugins(tags: dict[str, str]) -> str:
     return "; ".join(f"{k}={v}" for k, v in sorted(plugins.items()))
 
 
+def _estimates(m: dict[str, float], metric: str, task_kind: str) -> dict[str, Any]:
+    """A metric's two estimators from a run's MLflow metrics (new names, else the older ones)."""
+    key = "fold_boot" if task_kind == "survival" else "pooled"
+    new = f"{metric}_{key}_ci_low" in m or f"{metric}_fold_mean" in m
+    return {
+        "mean": m.get(f"{metric}_fold_mean", m.get(f"{metric}_mean")),
+        "sd": m.get(f"{metric}_fold_sd", m.get(f"{metric}_sd")),
+        "lo": m.get(f"{metric}_fold_ci_low"), "hi": m.get(f"{metric}_fold_ci_high"),
+        "key": key,
+        "second": m.get(f"{metric}_{key}", None if new else m.get(f"{metric}_pooled")),
+        "second_lo": m.get(f"{metric}_{key}_ci_low", None if new else m.get(f"{metric}_ci_low")),
+        "second_hi": m.get(f"{metric}_{key}_ci_high", None if new else m.get(f"{metric}_ci_high")),
+    }
+
+
+def _ci(lo: float | None, hi: float | None) -> str:
+    return f"[{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""
+
+
+def expected_eval(cls, demo: bool) -> dict[str, str]:
+    """The task's default ``eval.*`` params as the tracker logs them (strings): ``EvalOptions`` defaults, the
+    task's ``eval_defaults``, then its ``eval_presets["demo"]`` for demo runs (as ``pipeline.resolve`` merges)."""
+    from histobench.evaluate.options import EvalOptions
+
+    merged = {**cls.eval_defaults, **(cls.eval_presets.get("demo", {}) if demo else {})}
+    dumped = EvalOptions(**merged).model_dump()
+    return {k: json.dumps(v) if isinstance(v, (list, tuple)) else str(v) for k, v in dumped.items()}
+
+
+def non_default_eval(params: dict[str, str], cls, demo: bool) -> str:
+    """``"† field=value, ..."`` for logged ``eval.*`` params that differ from the defaults; ``""`` when none
+    does; ``"not logged"`` for a run without ``eval.*`` params. Fields a run did not log are not compared."""
+    logged = {k[5:]: v for k, v in params.items() if k.startswith("eval.")}
+    if not logged:
+        return "not logged"
+    expected = expected_eval(cls, demo)
+    diff = [f"{k}={v}" for k, v in sorted(logged.items())
+            if k in expected and k not in IGNORED_EVAL and v != expected[k]]
+    return ("† " + ", ".join(diff)) if diff else ""
+
+
 def build_leaderboard(task: str, tracking_uri: str | None = None, include_demo: bool = True):
-    """The ranked leaderboard of ``task`` as a DataFrame (empty when no run has the primary metric)."""
+    """The leaderboard of ``task`` as a DataFrame: rows grouped by protocol, ranked within each (see the
+    module docstring); empty when no run has the primary metric."""
     import pandas as pd
 
     cls = get_component("task", task).cls
     primary = cls.primary_metric
+    kind = cls.task_kind
     children = _children(task, tracking_uri)
     rows = []
     for r in search_runs(task, tracking_uri, stage="run"):
@@ -55,24 +109,33 @@ def build_leaderboard(task: str, tracking_uri: str | None = None, include_demo: 
         if demo and not include_demo:
             continue
         m, p, t = r["metrics"], r["params"], r["tags"]
-        if f"{primary}_mean" not in m:
+        head = _estimates(m, primary, kind)
+        if head["mean"] is None:
             continue
+        pretext = p.get("run.pretext", "?")
         row: dict[str, Any] = {
-            "pretext": p.get("run.pretext", "?"),
+            "protocol": t.get("histobench.protocol") or DEFAULT_PROTOCOL,
+            "pretext": pretext,
             "encoder": p.get("encoder.name", "?"),
             "aggregator": p.get("aggregator.name", "?"),
             "seed": p.get("run.seed", ""),
             "demo": demo,
         }
         metrics = list(dict.fromkeys([primary, *cls.metrics]))
-        if cls.task_kind == "survival":
-            metrics += [f"cox_{x}" for x in metrics if f"cox_{x}_mean" in m]
+        if kind == "survival":
+            metrics += [f"cox_{x}" for x in metrics if _estimates(m, f"cox_{x}", kind)["mean"] is not None]
         for metric in metrics:
-            if f"{metric}_mean" in m:
-                row[metric] = f"{m[f'{metric}_mean']:.3f} ± {_fmt(m.get(f'{metric}_sd'))}"
-        lo, hi = m.get(f"{primary}_ci_low"), m.get(f"{primary}_ci_high")
-        row[f"{primary} 95% CI"] = f"[{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""
-        row["_score"], row["_lo"], row["_hi"] = m[f"{primary}_mean"], lo, hi
+            e = _estimates(m, metric, kind)
+            if e["mean"] is not None:
+                row[metric] = f"{e['mean']:.3f} ± {_fmt(e['sd'])}"
+            if metric == primary:
+                row[f"{primary} fold 95% CI"] = _ci(e["lo"], e["hi"])
+        key = head["key"]
+        row[f"{primary} {key}"] = _fmt(head["second"])
+        row[f"{primary} {key} 95% CI"] = _ci(head["second_lo"], head["second_hi"])
+        row["_score"], row["_lo"], row["_hi"] = head["mean"], head["lo"], head["hi"]
+        row["non-default eval"] = non_default_eval(p, cls, demo)
+        row["pretrain cohort"] = t.get("histobench.pretrain_cohort") or ("transductive" if pretext != "none" else "")
         kids = children.get(r["run_id"], {})
         pre = kids.get("pretrain")
         device = t.get("histobench.hw.device", "")
@@ -89,31 +152,68 @@ def build_leaderboard(task: str, tracking_uri: str | None = None, include_demo: 
         row["run_id"] = r["run_id"]
         row["git_sha"] = t.get("histobench.git_sha", "")[:12]
         row["split_hash"] = t.get("histobench.split_hash", "")
+        row["protocol options"] = "; ".join(f"{k[9:]}={v}" for k, v in sorted(p.items()) if k.startswith("protocol."))
         row["plugins"] = _plugins(t)
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
         return df
-    df = df.sort_values("_score", ascending=False, kind="stable").reset_index(drop=True)
-    top_lo = float(df.loc[0, "_lo"]) if df.loc[0, "_lo"] is not None else float("nan")
-    top_group = (df["_hi"].astype(float) >= top_lo).to_numpy() | (df.index == 0)
-    position = list(df.columns).index(f"{primary} 95% CI") + 1
-    df.insert(position, "top group", ["✓" if x else "" for x in top_group])
-    df = df.drop(columns=["_score", "_lo", "_hi"])
-    df.insert(0, "rank", range(1, len(df) + 1))
-    return df
+    groups = []
+    for protocol in sorted(df["protocol"].unique(), key=lambda x: (x != DEFAULT_PROTOCOL, x)):
+        g = df[df["protocol"] == protocol].sort_values("_score", ascending=False, kind="stable").reset_index(drop=True)
+        top_lo = g.loc[0, "_lo"]
+        top_lo = float("nan") if top_lo is None else float(top_lo)
+        hi = g["_hi"].map(lambda v: float("nan") if v is None else float(v))
+        top = (hi >= top_lo).to_numpy() | (g.index == 0)
+        g.insert(list(g.columns).index(f"{primary} fold 95% CI") + 1, "top group", ["✓" if x else "" for x in top])
+        g.insert(0, "rank", range(1, len(g) + 1))
+        groups.append(g)
+    return pd.concat(groups, ignore_index=True).drop(columns=["_score", "_lo", "_hi"])
 
 
 _NOTE = ("Generated by `histobench leaderboard --task {task}` from MLflow runs; do not edit by hand. "
-         "Mean ± sd over folds (x seeds); the CI is a 95% patient-level bootstrap of the primary metric "
-         "({primary}); ✓ = CI overlaps the top row's (not clearly worse; `histobench compare` gives the paired test).")
+         "Rows are grouped by evaluation protocol and ranked within each by {primary}'s mean over folds. "
+         "Metric columns: mean ± sd over folds (with seed repeats, a fold's value is their mean). "
+         "`{primary} fold 95% CI`: {fold_ci} of that mean; ✓ = it overlaps the protocol's top row's (not clearly "
+         "worse; `histobench compare` gives the paired test). `{primary} {second}`: {second_label}, with its own "
+         "95% CI ({second_ci}). † = eval.* options that differ from the task's defaults (listed).")
+
+_TRANSDUCTIVE = ("Pretraining is transductive by default (pretrain cohort = transductive): the pretext trains on "
+                 "the evaluation cohort's slides and never sees their labels.")
 
 
-def to_markdown(df, task: str, primary: str) -> str:
+def notes(df, task: str, primary: str) -> list[str]:
+    """The lines printed above a leaderboard: what each estimator and CI is, and pretraining's cohort."""
+    from histobench.evaluate.stats import estimator_label
+
+    second = "fold_boot" if f"{primary} fold_boot" in df.columns else "pooled"
+    lines = [_NOTE.format(task=task, primary=primary, second=second, second_label=estimator_label(second),
+                          second_ci=estimator_label(second, ci=True), fold_ci=estimator_label("fold", ci=True))]
+    if "pretrain cohort" in df.columns and (df["pretrain cohort"] == "transductive").any():
+        lines.append(_TRANSDUCTIVE)
+    return lines
+
+
+def protocols(df) -> list[str]:
+    """The protocols of a leaderboard in display order (``frozen-mil`` first)."""
+    return list(dict.fromkeys(df["protocol"])) if "protocol" in df.columns else []
+
+
+def _md_table(df) -> list[str]:
     header = "| " + " | ".join(map(str, df.columns)) + " |"
     sep = "|" + "|".join("---" for _ in df.columns) + "|"
     body = ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in df.itertuples(index=False)]
-    return f"# {task} leaderboard\n\n{_NOTE.format(task=task, primary=primary)}\n\n" + "\n".join([header, sep, *body]) + "\n"
+    return [header, sep, *body]
+
+
+def to_markdown(df, task: str, primary: str) -> str:
+    """A title, the notes, then a section per protocol with its own ranked table."""
+    parts = [f"# {task} leaderboard", ""]
+    for line in notes(df, task, primary):
+        parts += [line, ""]
+    for protocol in protocols(df):
+        parts += [f"## protocol {protocol}", "", *_md_table(df[df["protocol"] == protocol]), ""]
+    return "\n".join(parts)
 
 
 _CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222}
@@ -127,21 +227,25 @@ PROV_CLASS = ' class="prov"'
 
 
 def to_html(df, task: str, primary: str) -> str:
-    """A single self-contained page (inline CSS, no scripts, no external assets): one ``<tr>`` per run."""
+    """A single self-contained page (inline CSS, no scripts, no external assets): a section per protocol,
+    one ``<tr>`` per run."""
     esc = html.escape
-    prov = {"run_id", "git_sha", "split_hash", "plugins"}
+    prov = {"run_id", "git_sha", "split_hash", "plugins", "protocol options"}
     head = "".join(f"<th>{esc(str(c))}</th>" for c in df.columns)
-    rows = []
-    for rec in df.to_dict("records"):
-        cls = ' class="top"' if rec.get("top group") else ""
-        cells = "".join(f'<td{PROV_CLASS if c in prov else ""} data-col="{esc(str(c))}">{esc(str(v))}</td>'
-                        for c, v in rec.items())
-        rows.append(f'<tr{cls} data-run-id="{esc(str(rec.get("run_id", "")))}">{cells}</tr>')
-    note = esc(_NOTE.format(task=task, primary=primary))
+    sections = []
+    for protocol in protocols(df):
+        rows = []
+        for rec in df[df["protocol"] == protocol].to_dict("records"):
+            cls = ' class="top"' if rec.get("top group") else ""
+            cells = "".join(f'<td{PROV_CLASS if c in prov else ""} data-col="{esc(str(c))}">{esc(str(v))}</td>'
+                            for c, v in rec.items())
+            rows.append(f'<tr{cls} data-run-id="{esc(str(rec.get("run_id", "")))}">{cells}</tr>')
+        sections.append(f'<h2>protocol {esc(protocol)}</h2>\n<table class="leaderboard" data-protocol="{esc(protocol)}">'
+                        f"<thead><tr>{head}</tr></thead><tbody>\n" + "\n".join(rows) + "\n</tbody></table>")
+    note = "".join(f'<p class="note">{esc(line)}</p>' for line in notes(df, task, primary))
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(task)} leaderboard</title>'
-            f"<style>{_CSS}</style></head><body><h1>{esc(task)} leaderboard</h1><p class=\"note\">{note}</p>"
-            f'<table id="leaderboard"><thead><tr>{head}</tr></thead><tbody>\n' + "\n".join(rows)
-            + "\n</tbody></table></body></html>\n")
+            f"<style>{_CSS}</style></head><body><h1>{esc(task)} leaderboard</h1>{note}\n"
+            + "\n".join(sections) + "\n</body></html>\n")
 
 
 def _atomic(path: Path, text: str) -> Path:

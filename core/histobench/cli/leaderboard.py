@@ -19,8 +19,9 @@ def leaderboard_cmd(
     out: Annotated[Path, typer.Option("--out", help="Folder for <task>.md, .csv and .html.")] = Path("results"),
     include_demo: Annotated[bool, typer.Option("--demo/--no-demo", help="Include --demo runs.")] = True,
 ) -> None:
-    """Rank the task's finished runs by its primary metric: print a table and/or write Markdown, CSV, HTML."""
-    from histobench.leaderboard import FORMATS, build_leaderboard, write_leaderboard
+    """Rank the task's finished runs within each evaluation protocol by its primary metric's mean over folds:
+    print a table per protocol and/or write Markdown, CSV, HTML."""
+    from histobench.leaderboard import FORMATS, build_leaderboard, notes, protocols, write_leaderboard
     from histobench.registry import get_component
 
     formats = tuple(fmt or ("table", "md", "csv"))
@@ -28,22 +29,28 @@ def leaderboard_cmd(
     if bad:
         raise HistobenchError(f"unknown --format {bad[0]!r}; formats: {', '.join(FORMATS)}")
     entry = get_component("task", task)
-    df = build_leaderboard(entry.cls.name, tracking_uri, include_demo=include_demo)
+    name, primary = entry.cls.name, entry.cls.primary_metric
+    df = build_leaderboard(name, tracking_uri, include_demo=include_demo)
     if df.empty:
-        console.print(f"no finished runs for task {entry.cls.name} yet")
+        console.print(f"no finished runs for task {name} yet")
         return
-    paths = write_leaderboard(df, entry.cls.name, out, tuple(f for f in formats if f != "table"))
+    paths = write_leaderboard(df, name, out, tuple(f for f in formats if f != "table"))
     if "table" in formats:
-        table = Table(title=f"{entry.cls.name} leaderboard (by {entry.cls.primary_metric})", title_justify="left")
         # provenance columns stay in the files; the terminal shows the ranking and a short run id
-        shown = df.drop(columns=[c for c in ("plugins", "git_sha", "split_hash", "device") if c in df.columns])
+        shown = df.drop(columns=[c for c in ("plugins", "git_sha", "split_hash", "device", "protocol options")
+                                 if c in df.columns])
         if "run_id" in shown.columns:
             shown = shown.assign(run_id=shown["run_id"].str[:12])
-        df = shown
-        for col in df.columns:
-            table.add_column(col, overflow="fold")
-        for row in df.astype(str).itertuples(index=False):
-            table.add_row(*row)
-        console.print(table)
+        for protocol in protocols(shown):
+            part = shown[shown["protocol"] == protocol].drop(columns="protocol")
+            table = Table(title=f"{name} leaderboard · protocol {protocol} (by {primary}, mean over folds)",
+                          title_justify="left")
+            for col in part.columns:
+                table.add_column(col, overflow="fold")
+            for row in part.astype(str).itertuples(index=False):
+                table.add_row(*row)
+            console.print(table)
+        for line in notes(df, name, primary):
+            console.print(line, highlight=False, markup=False)
     if paths:
         console.print("written: " + ", ".join(str(p) for p in paths), highlight=False)
