@@ -76,14 +76,22 @@ def test_compare_prints_the_paired_difference_ci_and_p(store):
     expect = stats.paired_comparison(preds["good"], preds["weak"], "subtyping", "macro_auc", CLASSES, n=300, seed=0)
     assert expect["ci_low"] > 0 and expect["n_folds"] == 6
     out = result.output
-    line = re.search(r"difference ([+-][0-9.]+), 95% paired bootstrap CI \[([+-][0-9.]+), ([+-][0-9.]+)\]; "
-                     r"Wilcoxon signed-rank p = ([0-9.e+-]+|nan) over (\d+) folds", out)
+    line = re.search(r"pooled: difference ([+-][0-9.]+) \(pooled out-of-fold patients\), 95% CI "
+                     r"\[([+-][0-9.]+), ([+-][0-9.]+)\] \(paired patient bootstrap\)", out)
     assert line, out
-    diff, lo, hi, p, folds = line.groups()
+    diff, lo, hi = line.groups()
     assert float(diff) == pytest.approx(expect["difference"], abs=1e-4)
     assert float(lo) == pytest.approx(expect["ci_low"], abs=1e-4)
     assert float(hi) == pytest.approx(expect["ci_high"], abs=1e-4)
-    assert float(p) == pytest.approx(expect["wilcoxon_p"], rel=1e-3) and int(folds) == 6
+    assert float(lo) <= float(diff) <= float(hi)  # the CI of the number it stands beside
+    fold = re.search(r"fold: mean difference over (\d+) folds ([+-][0-9.]+), 95% CI \[([+-][0-9.]+), ([+-][0-9.]+)\] "
+                     r"\(paired t-interval over folds\); Wilcoxon signed-rank p = ([0-9.e+-]+|nan) over (\d+) folds", out)
+    assert fold, out
+    n, fdiff, flo, fhi, p, folds = fold.groups()
+    assert int(n) == int(folds) == 6 and float(p) == pytest.approx(expect["wilcoxon_p"], rel=1e-3)
+    assert float(fdiff) == pytest.approx(expect["folds"]["difference"].mean(), abs=1e-4)
+    assert (float(flo), float(fhi)) == pytest.approx((expect["fold_ci_low"], expect["fold_ci_high"]), abs=1e-4)
+    assert float(flo) <= float(fdiff) <= float(fhi)
     assert "hash-one" in out and "macro_auc" in out and TASK in out
     for k, row in expect["folds"].iterrows():  # the per-fold table
         cells = [str(k), f"{row['a']:.3f}", f"{row['b']:.3f}", f"{row['difference']:+.3f}"]
@@ -91,7 +99,7 @@ def test_compare_prints_the_paired_difference_ci_and_p(store):
     assert "A good" in out and "B weak" in out
     # the reverse comparison flips the sign
     back = compare(uri, ids["weak"], ids["good"], "--bootstrap", "50")
-    assert back.exit_code == 0 and f"difference {-expect['difference']:+.4f}" in back.output
+    assert back.exit_code == 0 and f"pooled: difference {-expect['difference']:+.4f}" in back.output
 
 
 def test_compare_another_metric(store):
@@ -99,7 +107,7 @@ def test_compare_another_metric(store):
     result = compare(uri, ids["good"], ids["weak"], "--metric", "balanced_accuracy", "--bootstrap", "20")
     assert result.exit_code == 0, result.output
     expect = stats.paired_comparison(preds["good"], preds["weak"], "subtyping", "balanced_accuracy", CLASSES, n=0)
-    assert f"difference {expect['difference']:+.4f}" in result.output and "balanced_accuracy" in result.output
+    assert f"pooled: difference {expect['difference']:+.4f}" in result.output and "balanced_accuracy" in result.output
 
 
 def one_line_error(result) -> str:

@@ -11,7 +11,9 @@ from histobench.errors import HistobenchError
 
 def compare_runs(run_a: str, run_b: str, tracking_uri: str | None = None, *, metric: str | None = None,
                  n: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """``A - B`` on the task's primary metric (or ``metric``): see :func:`histobench.evaluate.stats.paired_comparison`.
+    """``A - B`` on the task's primary metric (or ``metric``) by both estimators (the fold mean with a paired
+    t-interval over folds and a Wilcoxon test, and the ``pooled``/``fold_boot`` value with a paired patient
+    bootstrap): see :func:`histobench.evaluate.stats.paired_comparison`.
 
     Both runs must belong to the same task and carry the same ``histobench.split_hash`` tag: a paired test
     on different folds would compare different patients. Adds ``task``, ``run_a``, ``run_b``, ``split_hash``.
