@@ -239,7 +239,7 @@ def test_a_run_without_its_weights_is_a_one_line_error(work, tracking_uri, tmp_p
 
 
 @pytest.mark.parametrize("args, needle", [
-    ([], "takes 1 to 4 encoders, got 0"),
+    ([], "takes 1 to 4 encoders, got 0 (pass --run RUN_ID or --weights FILE)"),
     ([a for i in range(5) for a in ("--weights", f"w{i}.pt")], "takes 1 to 4 encoders, got 5"),
     (["--run", "0123456789abcdef0123456789abcdef"], "no MLflow run '0123456789abcdef0123456789abcdef'"),
     (["--weights", "missing.pt"], "weights file missing.pt does not exist"),
@@ -262,3 +262,66 @@ def test_weights_that_do_not_fit_name_the_file(work, tmp_path, example):
 def test_unknown_analysis_is_a_one_line_error(work):
     result = _analyze(["no-such-analysis", *TASK, "--weights", "x.pt"], work, cols="400")
     assert "unknown analysis 'no-such-analysis'" in _error_line(result)
+
+
+class _Probe:
+    """A throwaway plugin with an analysis that writes a file in a sub-folder and names it relatively."""
+
+    from histobench import hookimpl
+
+    @staticmethod
+    @hookimpl
+    def register_analyses(register):
+        from histobench.analyze import AnalysisResult
+        from histobench.components import Analysis
+
+        class Probe(Analysis):
+            """Writes sub/probe.txt; metric names with characters MLflow refuses; or returns a wrong type."""
+
+            name = "probe"
+            max_encoders = 1
+
+            class Options(Analysis.Options):
+                broken: bool = False
+
+            def run(self, inputs):
+                if self.options.broken:
+                    return {"metrics": {}}
+                (inputs.out_dir / "sub").mkdir()
+                (inputs.out_dir / "sub" / "probe.txt").write_text(f"{len(inputs.tiles)} tiles")
+                px = inputs.pixels(inputs.encoders[0], slice(0, 2))
+                return AnalysisResult(metrics={"mean+px [a]": float(px.mean()), "n": len(inputs.tiles)},
+                                      report={"shape": list(px.shape)}, files=["sub/probe.txt"])
+
+        register(Probe)
+
+
+def test_runner_relative_workdir_files_and_metric_names(tmp_path, tracking_uri, register_plugin, monkeypatch):
+    from histobench.analyze.runner import run_analysis
+    from histobench.errors import HistobenchError
+    from histobench.registry import create
+    from histobench.tracking import download_artifact, get_run
+
+    register_plugin(_Probe(), "probe-plugin")
+    monkeypatch.chdir(tmp_path)
+    comp, module = _tiny_encoder(0)
+    from histobench.analyze import AnalysedEncoder
+
+    enc = AnalysedEncoder("e", module, comp, "e.pt")
+    tiles = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    out = run_analysis(create("analysis", "probe"), [enc], tiles, [None] * 5, "h123", task="tcga-nsclc",
+                       workdir=Path("w"), device=torch.device("cpu"), tracking_uri=tracking_uri)
+    assert out.out_dir.is_absolute() and out.out_dir.parent == tmp_path / "w" / "analyses"
+    assert set(out.metrics) == {"mean_px _a_", "n"} and out.metrics["n"] == 5.0
+    report = json.loads((out.out_dir / "report.json").read_text())
+    assert report["report"] == {"shape": [2, 3, 64, 64]}  # resized to the encoder's 64 px
+    run = get_run(out.run_id, tracking_uri)
+    assert run["metrics"]["mean_px _a_"] == pytest.approx(out.metrics["mean_px _a_"])
+    text = download_artifact(out.run_id, "sub/probe.txt", tmp_path / "dl", tracking_uri).read_text()
+    assert text == "5 tiles"
+    with pytest.raises(HistobenchError, match="returned dict, not an AnalysisResult"):
+        run_analysis(create("analysis", "probe", {"broken": True}), [enc], tiles, [None] * 5, "h123", task="tcga-nsclc",
+                     workdir=Path("w"), device=torch.device("cpu"), track=False)
+    with pytest.raises(HistobenchError, match=r"takes exactly 1 encoder, got 2$"):
+        run_analysis(create("analysis", "probe"), [enc, enc], tiles, [None] * 5, "h123", task="tcga-nsclc",
+                     workdir=Path("w"), device=torch.device("cpu"), track=False)

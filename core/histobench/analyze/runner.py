@@ -52,8 +52,9 @@ def count_bounds(cls: type[Analysis]) -> str:
 def check_count(cls: type[Analysis], n: int) -> None:
     """One line when ``n`` encoders do not fit the analysis's ``min_encoders``/``max_encoders``."""
     if n < cls.min_encoders or (cls.max_encoders is not None and n > cls.max_encoders):
+        hint = " (pass --run RUN_ID or --weights FILE)" if n < cls.min_encoders else ""
         raise HistobenchError(f"analysis {cls.name!r} takes {count_bounds(cls)} encoder{'s' * (cls.max_encoders != 1)}, "
-                              f"got {n} (pass --run RUN_ID or --weights FILE)")
+                              f"got {n}{hint}")
 
 
 def _checked(name: str, result: Any, out_dir: Path) -> tuple[AnalysisResult, dict[str, float]]:
@@ -76,7 +77,7 @@ def _checked(name: str, result: Any, out_dir: Path) -> tuple[AnalysisResult, dic
         json.dumps(result.report, allow_nan=True)
     except (TypeError, ValueError) as err:
         raise HistobenchError(f"analysis {name!r} returned a report that is not JSON-able ({err})") from None
-    files = [Path(f) if Path(f).is_absolute() else out_dir / f for f in result.files]
+    files = [Path(f) if Path(f).is_absolute() else out_dir / f for f in result.files]  # relative: to out_dir
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise HistobenchError(f"analysis {name!r} listed files it did not write: {', '.join(missing)}")
@@ -103,7 +104,8 @@ def run_analysis(analysis: Analysis, encoders: list[AnalysedEncoder], tiles, til
             "histobench.tile_set_hash": tile_hash, "histobench.version": __version__, "histobench.git_sha": git_sha(),
             "histobench.plugin.analysis": f"{entry.plugin} {entry.version}"}
     with tracker.run(task, f"analysis {cls.name}", stage=STAGE, tags=tags) as run_id:
-        out_dir = Path(workdir) / "analyses" / f"{cls.name}-{run_id or time.strftime('%Y%m%d-%H%M%S')}"
+        # absolute, so that the files an analysis lists are found whatever the current folder
+        out_dir = Path(workdir).resolve() / "analyses" / f"{cls.name}-{run_id or time.strftime('%Y%m%d-%H%M%S')}"
         out_dir.mkdir(parents=True, exist_ok=True)
         tracker.params({"analysis": {"name": cls.name, **analysis.options.model_dump(mode="json")},
                         "encoders": {str(i): {"label": e.label, "name": e.name, "source": e.source}
@@ -124,7 +126,7 @@ def run_analysis(analysis: Analysis, encoders: list[AnalysedEncoder], tiles, til
         write_json(report, out_dir / "report.json")
         tracker.metrics(metrics)
         tracker.artifact(out_dir / "report.json")
-        for f in result.files:
-            rel = f.resolve().relative_to(out_dir.resolve()) if f.resolve().is_relative_to(out_dir.resolve()) else Path(f.name)
+        for f in result.files:  # files under out_dir keep their sub-folder in the artifact store
+            rel = f.resolve().relative_to(out_dir) if f.resolve().is_relative_to(out_dir) else Path(f.name)
             tracker.artifact(f, None if rel.parent == Path(".") else rel.parent.as_posix())
     return AnalysisRun(result, metrics, out_dir, run_id, tile_hash, tracker.uri, time.perf_counter() - t0)
