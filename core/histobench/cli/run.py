@@ -26,6 +26,14 @@ def _spec(task, pretext, encoder, aggregator, option, demo, seed, workdir, data_
 
 
 def print_result(per_fold, summary, primary: str, title: str) -> None:
+    """Per-fold values, then each estimator's row with its own 95% CI row under it, labelled from one table
+    (:data:`histobench.evaluate.stats.ESTIMATORS`)."""
+    from histobench.evaluate.stats import estimator_label, summary_estimators
+
+    def num(entry, key, fmt="{:.3f}"):
+        v = entry.get(key, float("nan"))
+        return "" if v != v else fmt.format(v)
+
     metrics = list(summary)
     table = Table(title=title, title_justify="left")
     table.add_column("fold")
@@ -33,10 +41,25 @@ def print_result(per_fold, summary, primary: str, title: str) -> None:
         table.add_column(m + (" *" if m == primary else ""), justify="right")
     for i, fm in enumerate(per_fold):
         table.add_row(str(i), *(f"{fm.get(m, float('nan')):.3f}" for m in metrics))
-    table.add_section()
-    table.add_row("mean ± sd", *(f"{summary[m]['mean']:.3f} ± {summary[m]['sd']:.3f}" for m in metrics))
-    if all("ci_low" in summary[m] for m in metrics):
-        table.add_row("95% CI", *(f"[{summary[m]['ci_low']:.3f}, {summary[m]['ci_high']:.3f}]" for m in metrics))
+    keys = list(dict.fromkeys(k for m in metrics for k in summary_estimators(summary[m])))
+    n = int(summary[primary].get("n_folds", 0)) if primary in summary else None
+    for key in keys:
+        table.add_section()
+        cells = []
+        for m in metrics:
+            e = summary[m]
+            if key not in summary_estimators(e):
+                cells.append("")
+            elif key == "fold":
+                cells.append(f"{num(e, 'fold_mean')} ± {num(e, 'fold_sd')}".strip(" ±"))
+            else:
+                cells.append(num(e, key, "{:.4g}" if key == "pooled_test" else "{:.3f}"))
+        table.add_row(f"{key}: {estimator_label(key, n)}", *cells)
+        if key != "pooled_test":
+            lo, hi = f"{key}_ci_low", f"{key}_ci_high"
+            table.add_row(f"  95% CI: {estimator_label(key, n, ci=True)}",
+                          *(f"[{num(summary[m], lo)}, {num(summary[m], hi)}]" if num(summary[m], lo) else ""
+                            for m in metrics))
     console.print(table)
 
 
