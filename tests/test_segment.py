@@ -191,6 +191,34 @@ def test_oracle_without_sidecar_names_the_slide(tmp_path, slides):
         segment_cohort(create("segmenter", "oracle"), [tiles], tmp_path / "w", workers=0)
 
 
+def test_nucleus_features_agree_with_regionprops():
+    from skimage.measure import regionprops
+
+    from histobench.segment.features import COLUMNS, nucleus_features
+
+    nuclei = synthetic.NucleusMap((256, 320))
+    rgb = synthetic.render_synthetic(class_index=0, n_classes=2, seed=3, size=(320, 256), mpp=0.5,
+                                     signal_fraction=0.6, nuclei=nuclei)[0]
+    inst, types = nuclei.maps()
+    f = nucleus_features(rgb, inst, types, 0.5, 7)
+    props = regionprops(inst.astype(np.int32))
+    assert set(f) == set(COLUMNS) and len(f["instance"]) == len(props) > 20
+    assert (f["tile"] == 7).all() and f["instance"].tolist() == [r.label for r in props]
+    np.testing.assert_array_equal(f["area_px"], [r.area for r in props])
+    np.testing.assert_allclose(f["area_um2"], f["area_px"] * 0.25)
+    np.testing.assert_allclose(np.stack([f["centroid_y"], f["centroid_x"]], 1), [r.centroid for r in props], atol=1e-3)
+    np.testing.assert_array_equal(np.stack([f["bbox_y0"], f["bbox_x0"], f["bbox_y1"], f["bbox_x1"]], 1),
+                                  [r.bbox for r in props])
+    np.testing.assert_allclose(f["eccentricity"], [r.eccentricity for r in props], atol=1e-4)
+    assert ((f["solidity"] > 0.3) & (f["solidity"] <= 1)).all()
+    # the planted kinds differ as the DiRL grouping expects: lymphocytes round, fibroblasts elongated
+    ecc = {k: f["eccentricity"][f["type"] == k].mean() for k in (2, 3)}
+    assert ecc[2] < 0.6 < 0.9 < ecc[3]
+    assert (f["h_od_mean"] > 0.05).all() and np.nanmean(f["e_ring_od_mean"]) > 0
+    empty = nucleus_features(rgb, np.zeros_like(inst), None, 0.5, 0)
+    assert all(len(v) == 0 for v in empty.values())
+
+
 # --------------------------------------------------------------------------------------- cache and runner
 def test_cache_roundtrip_hits_and_subset(tmp_path, slides):
     oracle = create("segmenter", "oracle")

@@ -1,10 +1,11 @@
 """Per-nucleus features of one segmented tile: the morphology and stain table the DiRL grouping clusters.
 
-Shape comes from scikit-image's ``regionprops`` (area, centroid, bounding box, eccentricity, solidity). Stain
+Shape: area, centroid, bounding box and eccentricity as scikit-image's ``regionprops`` defines them (computed
+for all nuclei of a tile at once from pixel moments), and solidity (area over convex hull area). Stain
 comes from colour deconvolution into haematoxylin, eosin and DAB optical densities with the Ruifrok-Johnston
 matrix (``skimage.color.rgb2hed``; Ruifrok & Johnston, Anal. Quant. Cytol. Histol. 2001): the mean and standard
 deviation of the haematoxylin OD inside each nucleus, and the mean eosin OD in a ring of :data:`RING_PX` pixels
-around it (pixels of other nuclei excluded), the cytoplasm and stroma next to the nucleus. These are the
+around it (background pixels only, each given to its nearest nucleus), the cytoplasm and stroma next to it. These are the
 features of the DiRL spec's pseudo-types (``shared/methods/dirl.md`` §3.2, G1).
 """
 
@@ -28,7 +29,7 @@ COLUMNS: dict[str, str] = {
     "solidity": "float32",
     "h_od_mean": "float32",
     "h_od_std": "float32",
-    "e_ring_od_mean": "float32",  # NaN when the ring is empty (a nucleus surrounded by nuclei or the tile edge)
+    "e_ring_od_mean": "float32",  # NaN when the ring is empty (a nucleus enclosed by other nuclei)
 }
 
 
@@ -41,63 +42,83 @@ def nucleus_features(tile: np.ndarray, instances: np.ndarray, types: np.ndarray 
     """The feature table (column -> array, one row per nucleus, ordered by label) of one tile.
 
     ``tile`` is uint8 RGB [H, W, 3], ``instances`` the label map [H, W] (0 = background), ``types`` the type map
-    or ``None``, ``mpp`` the tile's µm/px.
+    or ``None``, ``mpp`` the tile's µm/px. Area, centroid and eccentricity are those of scikit-image's
+    ``regionprops`` (eccentricity from the eigenvalues of the inertia tensor), computed for all nuclei at once;
+    solidity is the pixel area over the area of the convex hull of the nucleus' pixel squares. A background
+    pixel belongs to the eosin ring of the nearest nucleus within :data:`RING_PX` pixels (Euclidean distance).
     """
     from scipy import ndimage
     from skimage.color import rgb2hed
-    from skimage.measure import regionprops
 
-    if not instances.any():
+    lab = np.asarray(instances).astype(np.int64, copy=False)
+    if not lab.any():
         return empty_table()
+    n = int(lab.max())
+    flat = lab.ravel()
+    area = np.bincount(flat, minlength=n + 1).astype(np.float64)
+    ids = np.flatnonzero(area[1:]) + 1  # labels present in the tile
+    a = area[ids]
+    hgt, wid = lab.shape
+    yy, xx = np.mgrid[0:hgt, 0:wid]
+    y, x = yy.ravel().astype(np.float64), xx.ravel().astype(np.float64)
+
+    def mean_of(values: np.ndarray, labels: np.ndarray = flat) -> np.ndarray:
+        return np.bincount(labels, weights=values, minlength=n + 1)[ids] / a
+
+    cy, cx = mean_of(y), mean_of(x)
+    # central second moments (per pixel, as regionprops' inertia tensor) -> eccentricity
+    syy = np.maximum(mean_of(y * y) - cy * cy, 0.0)
+    sxx = np.maximum(mean_of(x * x) - cx * cx, 0.0)
+    sxy = mean_of(x * y) - cx * cy
+    half_tr, det_root = (syy + sxx) / 2, np.sqrt(((syy - sxx) / 2) ** 2 + sxy ** 2)
+    l1, l2 = half_tr + det_root, np.maximum(half_tr - det_root, 0.0)
+    ecc = np.where(l1 > 0, np.sqrt(np.clip(1 - l2 / np.where(l1 > 0, l1, 1), 0, 1)), 0.0)
+
     hed = rgb2hed(tile)
-    h_od, e_od = hed[..., 0], hed[..., 1]
-    labelled = instances > 0
-    hgt, wid = instances.shape
-    ring_struct = np.ones((2 * RING_PX + 1, 2 * RING_PX + 1), dtype=bool)
-    yy, xx = np.mgrid[-RING_PX:RING_PX + 1, -RING_PX:RING_PX + 1]
-    ring_struct &= yy * yy + xx * xx <= RING_PX * RING_PX  # a disc of radius RING_PX
-    rows: dict[str, list] = {k: [] for k in COLUMNS}
-    for region in regionprops(instances.astype(np.int32, copy=False)):
-        y0, x0, y1, x1 = region.bbox
-        inside = region.image  # bool mask in the bbox
-        h_vals = h_od[y0:y1, x0:x1][inside]
-        # the ring: the nucleus dilated by a disc, inside a bbox padded by RING_PX, minus every nucleus
-        py0, px0 = max(y0 - RING_PX, 0), max(x0 - RING_PX, 0)
-        py1, px1 = min(y1 + RING_PX, hgt), min(x1 + RING_PX, wid)
-        own = np.zeros((py1 - py0, px1 - px0), dtype=bool)
-        own[y0 - py0:y1 - py0, x0 - px0:x1 - px0] = inside
-        ring = ndimage.binary_dilation(own, structure=ring_struct) & ~labelled[py0:py1, px0:px1]
-        e_ring = e_od[py0:py1, px0:px1][ring]
-        if types is not None:
-            t = np.bincount(types[y0:y1, x0:x1][inside].astype(np.int64)).argmax()
-        else:
-            t = -1
-        cy, cx = region.centroid
-        rows["tile"].append(tile_index)
-        rows["instance"].append(region.label)
-        rows["type"].append(t)
-        rows["area_px"].append(region.area)
-        rows["area_um2"].append(region.area * mpp * mpp)
-        rows["centroid_y"].append(cy)
-        rows["centroid_x"].append(cx)
-        rows["bbox_y0"].append(y0)
-        rows["bbox_x0"].append(x0)
-        rows["bbox_y1"].append(y1)
-        rows["bbox_x1"].append(x1)
-        rows["eccentricity"].append(region.eccentricity)
-        rows["solidity"].append(_solidity(region))
-        rows["h_od_mean"].append(h_vals.mean())
-        rows["h_od_std"].append(h_vals.std())
-        rows["e_ring_od_mean"].append(e_ring.mean() if e_ring.size else np.nan)
-    return {k: np.asarray(v, dtype=COLUMNS[k]) for k, v in rows.items()}
+    h_od, e_od = hed[..., 0].ravel(), hed[..., 1].ravel()
+    h_mean = mean_of(h_od)
+    h_std = np.sqrt(np.maximum(mean_of(h_od * h_od) - h_mean * h_mean, 0.0))
+    # the ring: background pixels within RING_PX of a nucleus, each given to its nearest nucleus
+    dist, (iy, ix) = ndimage.distance_transform_edt(lab == 0, return_indices=True)
+    ring = (lab == 0) & (dist <= RING_PX)
+    owner = np.where(ring, lab[iy, ix], 0).ravel()
+    ring_n = np.bincount(owner, minlength=n + 1)[ids].astype(np.float64)
+    ring_sum = np.bincount(owner, weights=e_od, minlength=n + 1)[ids]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        e_ring = np.where(ring_n > 0, ring_sum / ring_n, np.nan)
+
+    if types is not None:
+        t = np.asarray(types).astype(np.int64, copy=False).ravel()
+        counts = np.bincount(flat * 256 + t, minlength=(n + 1) * 256).reshape(n + 1, 256)[ids]
+        typ = counts.argmax(axis=1)
+    else:
+        typ = np.full(len(ids), -1)
+
+    boxes = ndimage.find_objects(lab)
+    bbox = np.array([[b[0].start, b[1].start, b[0].stop, b[1].stop] for b in (boxes[i - 1] for i in ids)])
+    solidity = np.array([_solidity(lab[boxes[i - 1]] == i, int(area[i])) for i in ids])
+    return {k: np.asarray(v).astype(COLUMNS[k]) for k, v in {
+        "tile": np.full(len(ids), tile_index), "instance": ids, "type": typ, "area_px": a,
+        "area_um2": a * mpp * mpp, "centroid_y": cy, "centroid_x": cx,
+        "bbox_y0": bbox[:, 0], "bbox_x0": bbox[:, 1], "bbox_y1": bbox[:, 2], "bbox_x1": bbox[:, 3],
+        "eccentricity": ecc, "solidity": solidity, "h_od_mean": h_mean, "h_od_std": h_std,
+        "e_ring_od_mean": e_ring}.items()}
 
 
-def _solidity(region) -> float:
-    """Area over convex area; 1 for regions too small or too thin for a convex hull (1-2 pixel lines)."""
-    try:
-        return float(region.solidity)
-    except Exception:  # noqa: BLE001 - qhull refuses degenerate (collinear) point sets
+def _solidity(mask: np.ndarray, area: int) -> float:
+    """``area`` over the area of the convex hull of the pixel squares of ``mask``; 1 for a single pixel row
+    or column (a rectangle is its own hull)."""
+    from scipy.spatial import ConvexHull, QhullError
+
+    py, px = np.nonzero(mask)
+    if py.min() == py.max() or px.min() == px.max():
         return 1.0
+    corners = np.unique(np.concatenate([np.stack([py + dy, px + dx], 1) for dy in (0, 1) for dx in (0, 1)]), axis=0)
+    try:
+        hull = ConvexHull(corners)
+    except QhullError:
+        return 1.0
+    return float(min(area / hull.volume, 1.0))  # in 2-D, ``volume`` is the area
 
 
 def concat_tables(tables: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
