@@ -65,6 +65,11 @@ def analyze_cmd(
     check_count(cls, len(runs) + len(files))  # before loading anything
     analysis = create("analysis", name, opts.get("analysis"), preset)
     task_comp = create("task", task, opts.get("task"), preset)
+    if files:
+        create("encoder", encoder, opts.get("encoder"), preset)  # a bad -o encoder.KEY=VAL fails before any loading
+    for path in files:
+        if not path.is_file():
+            raise HistobenchError(f"weights file {path} does not exist")
     dev = resolve_device(device)
     rep = reporter()
     encoders = []
