@@ -41,8 +41,8 @@ def git_commit() -> str:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
                                text=True, check=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    except (OSError, subprocess.CalledProcessError):  # a copy of the tree without .git (the GPU machine's)
+        return os.environ.get("HISTOBENCH_COMMIT") or "unknown"
 
 
 def synchronize(device) -> None:

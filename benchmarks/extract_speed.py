@@ -53,26 +53,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import finish, resolve_device, synchronize, timed_steps  # noqa: E402
 
 
-def make_slides(a) -> list[Path]:
-    """``--slides`` pyramidal TIFFs of ``--size`` px, made once (atomic writes) and reused."""
+def _write_slide(path: Path, i: int, size: int, mpp: float) -> None:
     from histobench.slides.synthetic import render_synthetic, write_tiff_pyramid
 
+    t0 = time.perf_counter()
+    block = min(2048, size)
+    rgb, _, _ = render_synthetic(class_index=i % 2, n_classes=2, seed=100 + i, size=(block, block), mpp=mpp)
+    reps = -(-size // block)
+    big = np.tile(rgb, (reps, reps, 1))[:size, :size]
+    write_tiff_pyramid(path, np.ascontiguousarray(big), mpp=mpp, tile=256)
+    print(f"wrote {path} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+
+
+def make_slides(a) -> list[Path]:
+    """``--slides`` pyramidal TIFFs of ``--size`` px, made once (atomic writes, ``--write-workers`` processes
+    at a time) and reused."""
     root = Path(a.slides_dir)
     root.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(a.slides):
-        path = root / f"bench_{a.size}px_mpp{a.slide_mpp:g}_{i}.tiff"
-        if not path.exists():
-            t0 = time.perf_counter()
-            block = min(2048, a.size)
-            rgb, _, _ = render_synthetic(class_index=i % 2, n_classes=2, seed=100 + i, size=(block, block),
-                                         mpp=a.slide_mpp)
-            reps = -(-a.size // block)
-            big = np.tile(rgb, (reps, reps, 1))[: a.size, : a.size]
-            write_tiff_pyramid(path, np.ascontiguousarray(big), mpp=a.slide_mpp, tile=256)
-            del big
-            print(f"wrote {path} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        paths.append(path)
+    paths = [root / f"bench_{a.size}px_mpp{a.slide_mpp:g}_{i}.tiff" for i in range(a.slides)]
+    jobs = [(path, i, a.size, a.slide_mpp) for i, path in enumerate(paths) if not path.exists()]
+    workers = min(getattr(a, "write_workers", 1), len(jobs))
+    if workers > 1:  # the pyramid's downsampling is single-threaded numpy: one process per slide
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:
+            for f in [pool.submit(_write_slide, *job) for job in jobs]:
+                f.result()
+    else:
+        for job in jobs:
+            _write_slide(*job)
     return paths
 
 
@@ -221,6 +230,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--slides-dir", type=Path, default=Path(tempfile.gettempdir()) / "histobench-bench-slides")
+    ap.add_argument("--write-workers", type=int, default=1, help="Processes writing missing slides at a time.")
     ap.add_argument("--skip-clam", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("results/extract_speed.json"))
     a = ap.parse_args()
