@@ -325,3 +325,30 @@ def test_runner_relative_workdir_files_and_metric_names(tmp_path, tracking_uri, 
     with pytest.raises(HistobenchError, match=r"takes exactly 1 encoder, got 2$"):
         run_analysis(create("analysis", "probe"), [enc, enc], tiles, [None] * 5, "h123", task="tcga-nsclc",
                      workdir=Path("w"), device=torch.device("cpu"), track=False)
+
+
+def test_real_data_holds_out_fold_0s_test_patients(tmp_path):
+    """Without --demo the held-out slides are the test patients of fold 0 of the task's own splits."""
+    from histobench.analyze.tiles import held_out_manifest
+    from histobench.cohorts.splits import task_splits
+    from histobench.components import Task
+    from histobench.reporting import Reporter
+    from histobench.slides.synthetic import make_demo_cohort
+
+    class Cohort(Task):
+        """A task whose 'real' cohort is a small synthetic one under the data root."""
+
+        name = "held-out-probe"
+        classes = ("LUAD", "LUSC")
+
+        def cohort(self, data_root):
+            df = make_demo_cohort(data_root, classes=list(self.classes), n_patients=9, seed=0, size=(512, 512))
+            return df.assign(path=[str(Path(data_root) / p) for p in df["path"]])
+
+    task = Cohort({"folds": 3})
+    (tmp_path / "data").mkdir()
+    held = held_out_manifest(task, False, tmp_path / "data", tmp_path / "work", Reporter())
+    manifest = task.cohort(tmp_path / "data")
+    test = task_splits(task, manifest, workdir=tmp_path / "work", seed=0).cases(0, "test")
+    assert sorted(held["case_id"].unique()) == test and 0 < len(test) < 9
+    assert sorted(held["slide_id"]) == sorted(manifest.loc[manifest["case_id"].isin(test), "slide_id"])
