@@ -110,10 +110,14 @@ def _solidity(mask: np.ndarray, area: int) -> float:
     or column (a rectangle is its own hull)."""
     from scipy.spatial import ConvexHull, QhullError
 
-    py, px = np.nonzero(mask)
-    if py.min() == py.max() or px.min() == px.max():
+    h, w = mask.shape
+    if h == 1 or w == 1:
         return 1.0
-    corners = np.unique(np.concatenate([np.stack([py + dy, px + dx], 1) for dy in (0, 1) for dx in (0, 1)]), axis=0)
+    rows = np.flatnonzero(mask.any(axis=1))
+    m = mask[rows]
+    left, right = m.argmax(axis=1), w - m[:, ::-1].argmax(axis=1)  # the hull needs each row's outer corners only
+    corners = np.concatenate([np.stack([rows, left], 1), np.stack([rows + 1, left], 1),
+                              np.stack([rows, right], 1), np.stack([rows + 1, right], 1)]).astype(np.float64)
     try:
         hull = ConvexHull(corners)
     except QhullError:
