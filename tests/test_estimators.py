@@ -42,7 +42,7 @@ def inside(value: float, lo: float, hi: float) -> bool:
     return lo - 1e-9 <= value <= hi + 1e-9
 
 
-def test_32_patients_each_ci_beside_its_own_estimator(tmp_path):
+def test_32_patients_each_ci_beside_its_own_estimator(tmp_path, monkeypatch):
     from histobench.cli.common import console
     from histobench.cli.run import print_result
     from histobench.leaderboard import build_leaderboard, notes
@@ -73,13 +73,9 @@ def test_32_patients_each_ci_beside_its_own_estimator(tmp_path):
     assert abs(auc["fold_mean"] - auc["pooled"]) > 0.005  # two estimators, two different numbers
 
     # 1. the printed table: each value row names its estimator, the CI row under it names its interval
-    width = console.width
-    console.width = 200  # one line per row
-    try:
-        with console.capture() as cap:
-            print_result(result.per_fold, summary, "macro_auc", "32 patients")
-    finally:
-        console.width = width
+    monkeypatch.setenv("COLUMNS", "200")  # one line per row (the shared console reads it at print time)
+    with console.capture() as cap:
+        print_result(result.per_fold, summary, "macro_auc", "32 patients")
     text = cap.get()
     lines = [ln for ln in text.splitlines() if ln.startswith("│")]
     cells = {ln.split("│")[1].strip(): [c.strip() for c in ln.split("│")[2:-1]] for ln in lines}
