@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import importlib
+import importlib.util
 import json
 import math
 import sys
@@ -38,8 +39,10 @@ PACK_NAME = "parts.json"
 # What the parts import on the device: torch's stack is preinstalled there, the rest travels as wheels.
 REQUIRED = ("torch", "torchvision", "timm", "numpy", "h5py", "tifffile", "imagecodecs", "openslide", "pydantic",
             "pluggy", "yaml", "PIL", "sklearn", "scipy", "pytest")
-# Reported when present; no part needs them (mlflow and sksurv do not travel: see fetch_wheels.sh).
-OPTIONAL = ("typer", "rich", "pandas", "matplotlib", "pytest_timeout", "mlflow", "sksurv")
+# Versions reported (from their metadata, without importing them) where installed.
+REPORTED = ("typer", "rich", "pandas", "matplotlib", "pytest-timeout", "setuptools")
+# Not needed by any part, and not carried (see fetch_wheels.sh): reported as found or absent, never imported.
+NOT_CARRIED = ("mlflow", "sksurv")
 
 # Which keys of a benchmark's JSON make its headline, and the targets beside them.
 HEADLINE_KEYS = {"extract_speed": ("ratio_vs_ceiling", "ratio_vs_clam")}
@@ -63,13 +66,13 @@ def _append(path: Path, row: dict[str, Any]) -> None:
 
 
 def _device_name(dry_run: bool) -> str:
+    if dry_run:  # run.sh hides CUDA in a dry run; no need to import torch to know
+        return "cpu (dry run)"
     try:
         import torch
     except ImportError:
         return "unknown (torch does not import)"
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return "cpu (dry run)" if dry_run else "cpu (no CUDA)"
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (no CUDA)"
 
 
 def _commit() -> str:
@@ -110,15 +113,28 @@ def preflight(dry_run: bool) -> tuple[dict[str, Any], list[str]]:
     """What the suite needs, checked: ``(report, problems)``; an empty ``problems`` means ready."""
     report: dict[str, Any] = {"python": sys.version.split()[0], "modules": {}, "absent": []}
     problems = []
-    for name in REQUIRED + OPTIONAL:
+    for name in REQUIRED:
         try:
             mod = importlib.import_module(name)
         except Exception as err:  # noqa: BLE001  (a broken install raises more than ImportError)
             report["absent"].append(name)
-            if name in REQUIRED:
-                problems.append(f"{name} does not import: {err}")
+            problems.append(f"{name} does not import: {err}")
             continue
         report["modules"][name] = _version(mod)
+    from importlib import metadata
+
+    for dist in REPORTED:
+        try:
+            report["modules"][dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            report["absent"].append(dist)
+    for name in NOT_CARRIED:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ImportError:  # the dry run's stand-in for a missing package
+            found = False
+        if not found:
+            report["absent"].append(name)
     if "openslide" in report["modules"]:
         import openslide
 
