@@ -175,6 +175,8 @@ def test_tile_sampler_matches_the_old_epoch_permutation():
     (dict(pretext="none", protocol="no-such-protocol"), "unknown protocol 'no-such-protocol'"),
     (dict(pretext="none", options={"eval": {"top_k": 3}}), "option eval.top_k"),
     (dict(pretext="none", pretrain_task="tcga-brca"), "need a --pretext"),
+    (dict(pretext="dino", pretrain_task="tcga-brcx"), "unknown task 'tcga-brcx'"),
+    (dict(pretext="none", options={"analysis": {"k": 1}}), "analysis. options are for histobench analyze"),
 ])
 def test_a_requirement_no_stage_can_meet_is_one_error_at_resolve(test_pretexts, spec, message):
     with pytest.raises(HistobenchError, match=message):
@@ -187,3 +189,31 @@ def test_resolve_picks_the_demo_segmenter_and_text_encoder(test_pretexts):
     assert comps.text_encoder.name == "hashing" and comps.text_encoder.dim == 16
     assert comps.resolved()["text_encoder"] == {"name": "hashing", "dim": 16, "max_words": 77}
     assert comps.protocol.name == "frozen-mil" and comps.resolved()["protocol"] == {"name": "frozen-mil"}
+
+
+def test_a_masks_pretext_gets_the_oracle_cache_through_the_real_loop(test_pretexts, tmp_path):
+    """`histobench pretrain` on the demo cohort: segmentation stage (oracle) -> mask cache -> batches."""
+    from typer.testing import CliRunner
+
+    from histobench.cli.app import build_app
+    from histobench.segment import SegmentationCache
+
+    result = CliRunner().invoke(build_app(), [
+        "pretrain", "--pretext", "test-masks", "--task", "tcga-nsclc", "--demo", "--workdir", str(tmp_path),
+        "-o", "task.demo_patients=6", "-o", "task.demo_slide_px=1024", "-o", "train.epochs=1",
+        "-o", "train.batch_size=16", "-o", "train.num_workers=0"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    ctx = MaskPretext.contexts[-1]
+    assert ctx.segmentation["identity"].startswith("oracle-") and ctx.segmentation["tiles"] > 0
+    cache = SegmentationCache(ctx.segmentation["root"])
+    checked = 0
+    for batch in MaskPretext.seen:
+        assert batch["instances"].shape == (16, *batch["images"].shape[-2:])
+        for i in range(0, 16, 5):
+            slide_id = ctx.cohort.slide_ids[int(batch["slide_index"][i])]
+            with cache.slide(slide_id) as seg:
+                inst, types = seg.tile(int(batch["tile_index"][i]))
+            assert np.array_equal(batch["instances"][i].numpy(), inst.astype(np.int32))
+            assert np.array_equal(batch["types"][i].numpy(), types)
+            checked += 1
+    assert checked >= 4 and any(b["instances"].max() > 0 for b in MaskPretext.seen)

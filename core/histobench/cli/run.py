@@ -9,7 +9,8 @@ import typer
 from rich.table import Table
 
 from histobench.cli.common import (AggregatorOpt, DataRootOpt, DemoOpt, DeviceOpt, EncoderOpt, FailFastOpt, LeakyOpt,
-                                   OptionsOpt, PretextOpt, SeedOpt, SplitOpt, TaskOpt, TrackingOpt, WorkdirOpt, console,
+                                   OptionsOpt, PretextOpt, PretrainManifestOpt, PretrainTaskOpt, ProtocolOpt, SeedOpt,
+                                   SegmenterOpt, SplitOpt, TaskOpt, TextEncoderOpt, TrackingOpt, WorkdirOpt, console,
                                    is_rank_zero, reporter)
 
 DEFAULT_WORKDIR = Path("histobench-work")
@@ -78,6 +79,11 @@ def run_cmd(
     split: SplitOpt = None,
     fail_fast: FailFastOpt = False,
     allow_leaky_splits: LeakyOpt = False,
+    protocol: ProtocolOpt = None,
+    segmenter: SegmenterOpt = None,
+    text_encoder: TextEncoderOpt = None,
+    pretrain_task: PretrainTaskOpt = None,
+    pretrain_manifest: PretrainManifestOpt = None,
 ) -> None:
     """Pretrain, extract, evaluate and log one pretext on one task.
 
@@ -86,7 +92,9 @@ def run_cmd(
     from histobench.pipeline import run
 
     spec = _spec(task, pretext, encoder, aggregator, option, demo, seed, workdir, data_root, tracking_uri, device,
-                 split=split, fail_fast=fail_fast, allow_leaky_splits=allow_leaky_splits)
+                 split=split, fail_fast=fail_fast, allow_leaky_splits=allow_leaky_splits, protocol=protocol,
+                 segmenter=segmenter, text_encoder=text_encoder, pretrain_task=pretrain_task,
+                 pretrain_manifest=pretrain_manifest)
     result = run(spec, reporter())
     if not is_rank_zero():  # under torchrun rank 0 evaluates and reports
         return
@@ -106,17 +114,25 @@ def pretrain_cmd(
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
     data_root: DataRootOpt = None,
     device: DeviceOpt = None,
+    segmenter: SegmenterOpt = None,
+    text_encoder: TextEncoderOpt = None,
+    pretrain_task: PretrainTaskOpt = None,
+    pretrain_manifest: PretrainManifestOpt = None,
 ) -> None:
-    """Only pretrain: tile the task's cohort and train the pretext; prints the encoder weights file."""
+    """Only pretrain: tile the task's cohort (or --pretrain-task/--pretrain-manifest) and train the pretext;
+    prints the encoder weights file."""
     from histobench.errors import HistobenchError
-    from histobench.pipeline import cohort_inputs, load_cohort, pretrain_inputs, resolve
+    from histobench.pipeline import cohort_inputs, load_cohort, pretrain_cohort, pretrain_inputs, resolve
 
     if pretext == "none":
         raise HistobenchError("pretrain needs --pretext")
-    spec = _spec(task, pretext, encoder, None, option, demo, seed, workdir, data_root, None, device, track=False)
+    spec = _spec(task, pretext, encoder, None, option, demo, seed, workdir, data_root, None, device, track=False,
+                 segmenter=segmenter, text_encoder=text_encoder, pretrain_task=pretrain_task,
+                 pretrain_manifest=pretrain_manifest)
     rep = reporter()
     comps = resolve(spec)
-    manifest = load_cohort(spec, comps.task, rep)
+    manifest = None if (pretrain_task or pretrain_manifest) else load_cohort(spec, comps.task, rep)
+    manifest, _ = pretrain_cohort(spec, comps, manifest, rep)
     _, result, out_dir = pretrain_inputs(spec, comps, manifest, cohort_inputs(spec, comps, manifest, rep), rep)
     if is_rank_zero():
         console.print(f"{result.steps} steps, {result.images_per_second:.1f} img/s; encoder weights: {out_dir / 'encoder.pt'}")
@@ -174,6 +190,7 @@ def evaluate_cmd(
     no_track: Annotated[bool, typer.Option("--no-track", help="Do not log to MLflow.")] = False,
     split: SplitOpt = None,
     allow_leaky_splits: LeakyOpt = False,
+    protocol: ProtocolOpt = None,
 ) -> None:
     """Only evaluate: the task's protocol on a folder of per-slide feature files."""
     from histobench.features.cache import FeatureDir
@@ -181,7 +198,7 @@ def evaluate_cmd(
     from histobench.tracking import Tracker
 
     spec = _spec(task, "none", "timm", aggregator, option, demo, seed, workdir, data_root, tracking_uri, None,
-                 track=not no_track, split=split, allow_leaky_splits=allow_leaky_splits)
+                 track=not no_track, split=split, allow_leaky_splits=allow_leaky_splits, protocol=protocol)
     rep = reporter()
     comps = resolve(spec)
     feats = FeatureDir(features)
@@ -190,10 +207,10 @@ def evaluate_cmd(
     with tracker.run(comps.task.name, f"features:{features.name}+{comps.aggregator.name}", stage="run") as run_id:
         resolved = comps.resolved()
         tracker.params({"run": {"pretext": f"features:{features.name}", "seed": seed, "demo": demo},
-                        "features": str(features), **{k: resolved[k] for k in ("task", "aggregator", "eval")},
+                        "features": str(features), **{k: resolved[k] for k in ("task", "aggregator", "eval", "protocol")},
                         "encoder": {"name": f"features:{features.name}"}})
         tracker.tags({k: v for k, v in provenance(comps).items() if not k.startswith("histobench.plugin.encoder")})
-        result, splits = evaluate_stage(spec, comps, manifest, feats, rep)
+        result, splits, _ = evaluate_stage(spec, comps, manifest, feats, rep)
         log_evaluation(tracker, spec, comps, manifest, result, splits, feats.root, run_id)
     print_result(result.per_fold, result.summary, comps.task.primary_metric, f"{task} · features {features}")
     if run_id:

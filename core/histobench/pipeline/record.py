@@ -40,7 +40,8 @@ def log_evaluation(tracker, spec: RunSpec, comps: Components, manifest, result, 
     task = comps.task
     protocol = comps.protocol.name if comps.protocol is not None else "frozen-mil"
     tracker.tags({"histobench.split_hash": splits.hash, "histobench.split_name": splits.name,
-                  "histobench.split_leaks": result.n_leaks, "histobench.protocol": protocol})
+                  "histobench.split_leaks": result.n_leaks, "histobench.protocol": protocol,
+                  **{f"histobench.estimator.{k}": v for k, v in result.estimator_labels().items()}})
     for fold_metrics, (k, s) in zip(result.per_fold, result.per_fold_index):
         name = f"fold {k}" + (f" seed {s}" if comps.eval.seeds > 1 else "")
         with tracker.run(task.name, name, stage="fold", nested=True):

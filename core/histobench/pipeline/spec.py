@@ -159,6 +159,8 @@ def resolve(spec: RunSpec) -> Components:
         if used is None and (opts.get(prefix) or flag):
             what = f"--{prefix.replace('_', '-')} {flag}" if flag else f"{prefix}. options"
             raise HistobenchError(f"{what} given, but pretext {spec.pretext!r} does not use a {prefix.replace('_', ' ')}")
+    if opts.get("analysis"):
+        raise HistobenchError("analysis. options are for histobench analyze, not for a run")
     aggregator = create("aggregator", spec.aggregator or task.default_aggregator, opts.get("aggregator"), preset)
     protocol_cls = get_component("protocol", spec.protocol or DEFAULT_PROTOCOL).cls
     shared, own = _split_eval_options(opts.get("eval", {}), protocol_cls)

@@ -283,14 +283,21 @@ def encode_cohort(spec: RunSpec, comps: Components, encoder, inputs: CohortInput
 
 
 def make_splits(spec: RunSpec, comps: Components, manifest, reporter: Reporter):
-    """The task's patient-level folds for this cohort, made (and audited for leaks) before any pretraining."""
+    """The task's patient-level folds for this cohort, made (and audited for leaks) before any pretraining.
+
+    Test folds with fewer than ``eval.min_test_per_class`` patients of a class are said in one line, and the
+    folds are remade with fewer of them or refused, as ``eval.small_folds`` says (a published preset is never
+    remade); the split name and hash then record it.
+    """
     from histobench.cohorts.splits import check_leaks, task_splits
+    from histobench.evaluate.folds import check_fold_sizes
 
     splits = task_splits(comps.task, manifest, workdir=Path(spec.workdir), preset=spec.split, seed=0)
     leaks = check_leaks(splits, manifest, allow_leaks=spec.allow_leaky_splits)
     if leaks:
         reporter.warn(f"split {splits.name!r} has {leaks} patient-fold leaks; evaluating anyway (--allow-leaky-splits)")
-    return splits
+    return check_fold_sizes(splits, manifest, comps.task, comps.eval, workdir=Path(spec.workdir), reporter=reporter,
+                            preset=spec.split, seed=0)
 
 
 def evaluate_stage(spec: RunSpec, comps: Components, manifest, features, reporter: Reporter, splits=None,

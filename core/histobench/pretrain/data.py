@@ -279,3 +279,80 @@ class SyntheticGridDataset:
     def __getitem__(self, idx: int):
         torch = _import_torch()
         return torch.from_numpy(self.grids[idx]), int(self.slide_index[idx]), int(self.tile_index[idx])
+
+
+class MaskedTileDataset:
+    """Tiles with their nuclei maps (the ``masks`` batch contract): items are dicts with ``images`` uint8
+    ``[3, S, S]``, ``instances`` int32 ``[S, S]`` (0 = no nucleus), ``types`` uint8 ``[S, S]`` (0 where the
+    segmenter gives no type), ``slide_index`` and ``tile_index``."""
+
+    def __init__(self, tiles: ArrayTileDataset, instances: np.ndarray, types: np.ndarray):
+        if len(instances) != len(tiles) or len(types) != len(tiles):
+            raise ValueError(f"{len(tiles)} tiles but {len(instances)} instance and {len(types)} type maps")
+        self.tiles, self.instances, self.types = tiles, instances, types
+        self.slide_index, self.tile_index = tiles.slide_index, tiles.tile_index
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __getitem__(self, idx: int):
+        torch = _import_torch()
+        x, s, t = self.tiles[idx]
+        return {"images": x, "slide_index": s, "tile_index": t,
+                "instances": torch.from_numpy(np.asarray(self.instances[idx], dtype=np.int32)),
+                "types": torch.from_numpy(np.array(self.types[idx], dtype=np.uint8))}
+
+
+def cache_masks(tiles: ArrayTileDataset, slides: Sequence[SlideTiles], segmentation, folder: Path,
+                reporter=None) -> MaskedTileDataset:
+    """Every tile's nuclei maps from the segmentation cache, in the tile cache's order, as two memory-mapped
+    arrays under ``folder`` (``instances.npy`` uint16, ``types.npy`` uint8); reused when complete.
+
+    ``segmentation`` is the segmentation stage's result (:class:`histobench.segment.SegmentResult`): its
+    ``root`` holds one file per slide for the cohort's full tile sets; ``slides`` may be capped subsets of
+    them (``train.max_tiles_per_slide``). A tile the segmenter failed on has all-zero maps.
+    """
+    from histobench.errors import HistobenchError
+    from histobench.reporting import Reporter
+    from histobench.segment import SegmentationCache
+
+    reporter = reporter or Reporter()
+    folder = Path(folder)
+    n, size = len(tiles), tiles.array.shape[-1]
+    done = folder / "done"
+    if done.exists() and done.read_text().strip() == str(n):
+        inst, types = np.load(folder / "instances.npy", mmap_mode="r"), np.load(folder / "types.npy", mmap_mode="r")
+        if inst.shape == (n, size, size) and types.shape == (n, size, size):
+            return MaskedTileDataset(tiles, inst, types)
+    folder.mkdir(parents=True, exist_ok=True)
+    done.unlink(missing_ok=True)
+    tmp_inst = np.lib.format.open_memmap(folder / "instances.partial.npy", mode="w+", dtype=np.uint16, shape=(n, size, size))
+    tmp_types = np.lib.format.open_memmap(folder / "types.partial.npy", mode="w+", dtype=np.uint8, shape=(n, size, size))
+    cache = SegmentationCache(segmentation.root)
+    pos = 0
+    with reporter.stage("load nuclei masks", total=n, unit="tiles") as st:
+        for s in slides:
+            if s.slide_id not in cache:
+                raise HistobenchError(f"slide {s.slide_id} has no segmentation in {cache.root}; run histobench segment")
+            with cache.slide(s.slide_id) as seg:
+                if s.tiles.source and seg.meta.get("source") != s.tiles.source:
+                    raise HistobenchError(f"segmentation of slide {s.slide_id} ({seg.path}) was made from another "
+                                          f"slide file; run histobench segment again")
+                if not np.array_equal(seg.coords, np.asarray(s.tiles.coords, dtype=np.int64)):
+                    seg = seg.subset(s.tiles.coords)
+                inst, types = seg.batch(range(len(s.tiles)))
+            if inst.shape[-1] != size:
+                raise HistobenchError(f"segmentation of slide {s.slide_id} has {inst.shape[-1]} px maps, tiles are {size} px")
+            tmp_inst[pos:pos + len(inst)] = inst
+            if types is not None:
+                tmp_types[pos:pos + len(inst)] = types
+            pos += len(inst)
+            st.advance(len(inst))
+    if pos != n:
+        raise HistobenchError(f"the segmentation covers {pos} tiles but pretraining has {n}")
+    tmp_inst.flush(), tmp_types.flush()
+    del tmp_inst, tmp_types
+    os.replace(folder / "instances.partial.npy", folder / "instances.npy")
+    os.replace(folder / "types.partial.npy", folder / "types.npy")
+    done.write_text(str(n))
+    return cache_masks(tiles, slides, segmentation, folder, reporter)
