@@ -185,3 +185,15 @@ def test_distinfo_fallback_exposes_the_entry_points(tmp_path):
     assert eps["core"] == "histobench.builtin" and {"dino", "slpd", "timm", "mil", "tcga"} <= set(eps)
     scripts = [ep for ep in dists[0].entry_points if ep.group == "console_scripts"]
     assert [ep.value for ep in scripts] == ["histobench.cli.app:main"]
+
+
+def test_fetch_wheels_names_exactly_what_the_device_lacks():
+    script = ROOT / "benchmarks" / "device" / "fetch_wheels.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    block = text[text.index("WHEELS=(") + len("WHEELS=("):text.index("\n)", text.index("WHEELS=("))]
+    pins = [line.split("#")[0].strip() for line in block.splitlines() if line.split("#")[0].strip()]
+    names = [p.split("==")[0] for p in pins]
+    assert all(p.count("==") == 1 for p in pins) and len(set(names)) == len(names)  # one version of each
+    assert {"pydantic", "pydantic-core", "openslide-python", "openslide-bin", "imagecodecs"} <= set(names)
+    assert not {"mlflow", "scikit-survival", "torch", "torchvision", "timm"} & set(names)  # too big, or there

@@ -92,7 +92,8 @@ SCALE="${HISTOBENCH_DEVICE_SUITE_SCALE:-$((DRY ? 3 : 1))}"
 if [[ $DRY == 1 ]]; then
   # The CPU stand-in: no CUDA, one thread per process (2 shared cores), and mlflow/sksurv hidden as on the device.
   export CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=1
-  export PYTHONPATH="$HERE/dry_run_site${PYTHONPATH:+:$PYTHONPATH}"
+  # Code from core/ and plugins/ as on the device; entry points from the venv's install of histobench.
+  export PYTHONPATH="$HERE/dry_run_site:$ROOT/core:$ROOT/plugins${PYTHONPATH:+:$PYTHONPATH}"
 else
   # The device: install the carried wheels and histobench itself into a private folder, never the image's venv.
   SITE="$ROOT/.device-site"
