@@ -135,7 +135,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quick", action="store_true", help="Tiny grids, model and head: a CPU smoke run of the script.")
     ap.add_argument("--batch-size", type=int, default=512)
-    ap.add_argument("--slides", type=int, default=256, help="Slides of the synthetic grid cohort.")
+    ap.add_argument("--slides", type=int, default=272,
+                    help="Slides of the synthetic grid cohort (272 x 48 regions cover the 25 default steps of batch 512).")
     ap.add_argument("--regions-per-slide", type=int, default=48, help="Regions per slide (paper: n_min = 32).")
     ap.add_argument("--workers", type=int, default=4, help="DataLoader workers of the trainer.")
     ap.add_argument("--warmup", type=int, default=5)
