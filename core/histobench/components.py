@@ -149,10 +149,12 @@ REQUIREMENTS = frozenset({"tiles", "regions", "masks", "hierarchy", "text"})
 @dataclass(frozen=True)
 class CohortMeta:
     """What pretraining may know of its cohort: per slide (in dataset slide-index order) its id and its
-    patient; never a label. ``patient_index[s]`` numbers the patients 0..P-1 in order of first appearance."""
+    patient, and the task whose cohort it is (e.g. to pick task descriptions); never a label.
+    ``patient_index[s]`` numbers the patients 0..P-1 in order of first appearance."""
 
     slide_ids: tuple[str, ...]
     patient_ids: tuple[str, ...]
+    task: str | None = None
 
     @property
     def patient_index(self) -> "np.ndarray":

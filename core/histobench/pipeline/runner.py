@@ -72,7 +72,8 @@ def run(spec: RunSpec, reporter: Reporter | None = None) -> RunResult:
             with tracker.run(task.name, f"pretrain {pretext_name}", stage="pretrain", nested=True):
                 tracker.params({"pretext": comps.resolved()["pretext"], "train": comps.train.model_dump(),
                                 "pretrain_cohort": cohort_name})
-                encoder, pre, ckpt_dir = pretrain_inputs(spec, comps, pre_manifest, pre_inputs, reporter, tracker)
+                encoder, pre, ckpt_dir = pretrain_inputs(spec, comps, pre_manifest, pre_inputs, reporter, tracker,
+                                                         cohort_task=spec.pretrain_task)
                 tracker.metrics({"pretrain/images_per_second": pre.images_per_second, "pretrain/steps": pre.steps,
                                  "pretrain/final_loss": pre.history[-1]["loss"] if pre.history else float("nan")})
                 tracker.artifact(ckpt_dir / "encoder.pt", "encoder")

@@ -141,11 +141,12 @@ def _cap(slides, max_tiles: int, seed: int):
 
 
 def pretrain_stage(spec: RunSpec, comps: Components, slides, reporter: Reporter, tracker=None, grids=None,
-                   segmentation=None):
+                   segmentation=None, cohort_task: str | None = None):
     """Train the pretext on the cohort's tiles (or on region ``grids``: ``(GridDataset, key)``).
 
     With ``segmentation`` (:func:`segment_stage`'s result, for pretexts that require ``masks``) every tile's
-    nuclei maps join its batch. Returns ``(encoder module, PretrainResult, checkpoint folder)``.
+    nuclei maps join its batch. ``cohort_task`` names the task whose cohort the slides are (default: the run's).
+    Returns ``(encoder module, PretrainResult, checkpoint folder)``.
     """
     from histobench.components import CohortMeta
     from histobench.pretrain.data import SlideTileDataset, cache_uint8
@@ -154,7 +155,8 @@ def pretrain_stage(spec: RunSpec, comps: Components, slides, reporter: Reporter,
     train = comps.train
     if grids is not None:
         data, data_key = grids
-        cohort = CohortMeta(tuple(data.slide_ids), tuple(data.patient_ids)) if hasattr(data, "patient_ids") else None
+        cohort = (CohortMeta(tuple(data.slide_ids), tuple(data.patient_ids), cohort_task or comps.task.name)
+                  if hasattr(data, "patient_ids") else None)
     else:
         capped = _cap(slides, train.max_tiles_per_slide, spec.seed)
         dataset = SlideTileDataset(capped, decode="jpeg")  # direct JPEG tiles where possible: openslide's pixels, faster
@@ -168,7 +170,8 @@ def pretrain_stage(spec: RunSpec, comps: Components, slides, reporter: Reporter,
             data = _on_rank_zero_first(lambda: cache_masks(data, capped, segmentation,
                                                            Path(spec.workdir) / "maskcache" / mask_key, reporter))
             data_key = mask_key
-        cohort = CohortMeta(tuple(s.slide_id for s in capped), tuple(s.case_id or s.slide_id for s in capped))
+        cohort = CohortMeta(tuple(s.slide_id for s in capped), tuple(s.case_id or s.slide_id for s in capped),
+                            cohort_task or comps.task.name)
     resolved = comps.resolved()  # only what changes the encoder: not the aggregator or the evaluation policy
     keys = [k for k in ("encoder", "pretext", "train", "text_encoder") if k in resolved]
     fingerprint = digest({k: resolved[k] for k in keys} | {"data": data_key, "seed": spec.seed})
@@ -239,13 +242,15 @@ def segment_stage(spec: RunSpec, comps: Components, slides, reporter: Reporter):
     return segment_cohort(comps.segmenter, slides, Path(spec.workdir), reporter)
 
 
-def pretrain_inputs(spec: RunSpec, comps: Components, manifest, inputs: CohortInputs, reporter: Reporter, tracker=None):
+def pretrain_inputs(spec: RunSpec, comps: Components, manifest, inputs: CohortInputs, reporter: Reporter, tracker=None,
+                    cohort_task: str | None = None):
     """``pretrain_stage`` on whichever inputs the encoder reads (nuclei masks too, when the pretext requires them)."""
     from histobench.pipeline.regions import grid_dataset
 
     grids = grid_dataset(comps, manifest, inputs.grids) if inputs.grids is not None else None
     segmentation = segment_stage(spec, comps, inputs.slides, reporter) if comps.segmenter is not None else None
-    return pretrain_stage(spec, comps, inputs.slides, reporter, tracker, grids=grids, segmentation=segmentation)
+    return pretrain_stage(spec, comps, inputs.slides, reporter, tracker, grids=grids, segmentation=segmentation,
+                          cohort_task=cohort_task)
 
 
 def pretrain_cohort(spec: RunSpec, comps: Components, manifest, reporter: Reporter, status=None):
