@@ -205,3 +205,28 @@ def test_compile_option_trains_on_cpu(tmp_path):
     res = _run(tmp_path, compile=True, max_steps=2)
     assert len(res.history) == 2 and all(np.isfinite(_losses(res)))
     assert not any(k.startswith("_orig_mod") for k in res.encoder.state_dict())
+
+
+def test_resume_loads_only_tensors_and_plain_data(tmp_path):
+    """A checkpoint is never unpickled as code: one holding an arbitrary object is ignored (training starts over)."""
+    import torch
+
+    from histobench.pretrain.trainer import _load_checkpoint
+    from histobench.reporting import Reporter
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    bad = tmp_path / "checkpoint.pt"
+    torch.save({"step": 1, "total_steps": 3, "pretext": Payload()}, bad)
+    warnings = []
+    rep = Reporter()
+    rep.warn = warnings.append
+    assert _load_checkpoint(bad, torch.device("cpu"), rep) is None
+    assert "cannot be read as tensors and plain data" in warnings[0]
+    good = tmp_path / "good.pt"
+    torch.save({"step": 2, "total_steps": 3, "pretext": {"w": torch.ones(2)}, "history": [{"loss": 1.0}]}, good)
+    assert _load_checkpoint(good, torch.device("cpu"), rep)["step"] == 2
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert _load_checkpoint(tmp_path / "junk.pt", torch.device("cpu"), rep) is None

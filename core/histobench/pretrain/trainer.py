@@ -180,6 +180,25 @@ def _oom_message(opts: TrainOptions, where: str) -> str:
             f"e.g. -o train.batch_size={max(opts.batch_size // 2, 1)}")
 
 
+def _load_checkpoint(path: Path, dev, reporter: Reporter) -> dict[str, Any] | None:
+    """A checkpoint's tensors and plain data (``weights_only``: a checkpoint in a shared workdir never runs code);
+    an unreadable one is reported and training starts over rather than trusting it."""
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(path, map_location=dev, weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        reporter.warn(f"ignoring checkpoint {path}: it cannot be read as tensors and plain data ({first[:200]})")
+        return None
+    if not isinstance(state, dict) or "step" not in state:
+        reporter.warn(f"ignoring checkpoint {path}: it is not a histobench training checkpoint")
+        return None
+    return state
+
+
 def _save_atomic(obj: Any, path: Path) -> None:
     import torch
 
@@ -265,14 +284,14 @@ def pretrain(
     start = 0
     history: list[dict[str, float]] = []
     if resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=dev, weights_only=False)
-        if state.get("total_steps") == total and state["step"] <= total:
+        state = _load_checkpoint(ckpt_path, dev, reporter)
+        if state is not None and state.get("total_steps") == total and state["step"] <= total:
             pretext.load_state_dict(state["pretext"])
             optimizer.load_state_dict(state["optimizer"])
             start = int(state["step"])
             history = list(state.get("history", []))
             reporter.info(f"resuming pretraining from step {start}/{total} ({ckpt_path})")
-        else:
+        elif state is not None:
             reporter.warn(f"ignoring checkpoint {ckpt_path}: it was made for a different schedule")
     _broadcast_state(pretext.state_dict())
     step_fn = _data_parallel_step(pretext, modules, dev)
