@@ -95,50 +95,39 @@ def _label_index(manifest: pd.DataFrame, classes: list[str]) -> pd.Series:
     return as_text.map(index).where(labels.notna(), np.nan).fillna(-1).astype(int)
 
 
-def evaluate_features(
-    *,
-    task_kind: str,
-    classes: list[str],
-    manifest: pd.DataFrame,
-    features: Mapping[str, np.ndarray],
-    splits: Splits,
-    aggregator: Aggregator,
-    opts: EvalOptions,
-    progress: Progress | None = None,
-    metrics: list[str] | None = None,
-    attention_per_fold: int = 2,
-    check_folds: bool = True,
-) -> EvalResult:
-    """Evaluate ``features`` (``slide_id -> [N, D]``) on a task over ``splits``.
+@dataclass
+class LabelledSlides:
+    """The slides an evaluation can use: labelled, in some fold's test side, with a non-empty bag."""
 
-    ``task_kind`` is ``subtyping``, ``grading`` or ``survival`` (manifest columns ``time`` and ``event``;
-    ``classes`` is ignored). ``metrics`` defaults to the task kind's
-    :data:`~histobench.evaluate.metrics.DEFAULT_METRICS`; for survival each named metric is also reported
-    for the Cox model with a ``cox_`` prefix, plus ``logrank_p``. ``progress(message, done, total)`` is
-    called after each fold (all its seeds). Fold ``k``, repeat ``s`` is trained with seed
-    ``opts.seed + 1000 * s + k``.
+    frame: pd.DataFrame
+    """One row per usable slide: ``slide_id, case_id, y`` (class index; 0 for survival) and, for survival,
+    ``time, event``; in manifest order."""
+    bags: dict[str, np.ndarray]
+    """``slide_id -> [N, D]`` float32 features of the usable slides."""
+    skipped: dict[str, int]
+    """Slides left out by reason (see :attr:`EvalResult.skipped`)."""
+    in_dim: int
 
-    With ``check_folds`` the test folds are counted on the slides that have features (see
-    :mod:`histobench.evaluate.folds`): too few patients of a class refuses under ``opts.small_folds ==
-    "refuse"``; under ``"fewer"`` the splits are the caller's choice (``check_fold_sizes`` makes fewer folds
-    before pretraining), so the evaluation goes on with a ``UserWarning``, kept in ``EvalResult.small_folds``.
-    """
-    import torch
 
+def metric_names(task_kind: str, metrics: list[str] | None) -> list[str]:
+    """The metrics to report (default: the task kind's); unknown task kinds or metric names are one-line errors."""
     if task_kind not in DEFAULT_METRICS:
         raise HistobenchError(f"unknown task kind {task_kind!r}")
-    survival = task_kind == "survival"
     names = list(metrics or DEFAULT_METRICS[task_kind])
     unknown = [m for m in names if m not in METRICS]
     if unknown:
         raise HistobenchError(f"unknown metric(s) {unknown}; metrics: {', '.join(METRICS)}")
-    classes = [str(c) for c in classes]
+    return names
+
+
+def labelled_slides(task_kind: str, classes: list[str], manifest: pd.DataFrame, features: Mapping[str, np.ndarray],
+                    splits: Splits) -> LabelledSlides:
+    """The manifest's usable slides and their bags (``classes`` as strings; ignored for survival)."""
+    survival = task_kind == "survival"
     need = ("slide_id", "case_id") + (("time", "event") if survival else ())
     for col in need:
         if col not in manifest.columns:
             raise HistobenchError(f"the manifest has no {col!r} column")
-
-    # ------------------------------------------------------------------ usable slides and their bags
     m = manifest.assign(slide_id=manifest["slide_id"].astype(str), case_id=manifest["case_id"].astype(str))
     m = m.drop_duplicates("slide_id")
     if survival:
@@ -170,44 +159,132 @@ def evaluate_features(
     dims = {a.shape[1] for a in bags.values()}
     if len(dims) != 1:
         raise HistobenchError(f"feature widths differ between slides: {sorted(dims)}")
-    in_dim = dims.pop()
+    return LabelledSlides(m, bags, skipped, dims.pop())
 
+
+def check_splits(splits: Splits, frame: pd.DataFrame, manifest: pd.DataFrame, task_kind: str, classes: list[str],
+                 opts: EvalOptions, check_folds: bool = True) -> tuple[str, pd.DataFrame]:
+    """The small-fold check on the usable slides and the leak audit: ``(small-fold line or '', leaks table)``.
+
+    Refuses small folds under ``opts.small_folds == "refuse"``, else warns; warns about leaks.
+    """
     small = ""
     if check_folds:
         from histobench.evaluate.folds import describe_small_fold, fold_class_counts
 
-        problem = describe_small_fold(fold_class_counts(splits, m, task_kind, classes), opts.min_test_per_class, task_kind)
+        problem = describe_small_fold(fold_class_counts(splits, frame, task_kind, classes), opts.min_test_per_class, task_kind)
         if problem:
-            small = f"split {splits.name!r} ({m['case_id'].nunique()} patients with features): {problem}"
+            small = f"split {splits.name!r} ({frame['case_id'].nunique()} patients with features): {problem}"
             if opts.small_folds == "refuse":
                 raise HistobenchError(f"{small}; refusing (eval.small_folds=refuse): use fewer folds (-o task.folds=K)")
-            warnings.warn(f"{small}; per-fold values are coarse", stacklevel=2)
+            warnings.warn(f"{small}; per-fold values are coarse", stacklevel=3)
 
     leaks = splits.audit(manifest)
     if len(leaks):
         warnings.warn(
             f"splits {splits.name!r} put {leaks['case_id'].nunique()} patient(s) on two sides of a fold "
             f"(e.g. {leaks['case_id'].iloc[0]} in fold {leaks['fold'].iloc[0]}); results are optimistic",
-            stacklevel=2,
+            stacklevel=3,
         )
+    return small, leaks
 
-    def fold_slides(k: int, sides: tuple[str, ...]) -> pd.DataFrame:
-        if splits.slide_level:
-            ids = {s for side in sides for s in splits.slides(k, side) or []}
-            return m[m["slide_id"].isin(ids)]
-        cases = {c for side in sides for c in splits.cases(k, side)}
-        return m[m["case_id"].isin(cases)]
+
+def fold_slides(frame: pd.DataFrame, splits: Splits, k: int, sides: tuple[str, ...]) -> pd.DataFrame:
+    """The rows of ``frame`` on the given sides of fold ``k`` (by slide for slide-level splits, else by patient)."""
+    if splits.slide_level:
+        ids = {s for side in sides for s in splits.slides(k, side) or []}
+        return frame[frame["slide_id"].isin(ids)]
+    cases = {c for side in sides for c in splits.cases(k, side)}
+    return frame[frame["case_id"].isin(cases)]
+
+
+def classification_frame(test: pd.DataFrame, logits: np.ndarray, classes: list[str], fold: int, seed: int) -> pd.DataFrame:
+    """One prediction row per test slide from its logits: ``slide_id, case_id, fold, seed, label, prob_<class>...``."""
+    import torch
+
+    frame = pd.DataFrame({"slide_id": test["slide_id"].values, "case_id": test["case_id"].values,
+                          "fold": fold, "seed": seed})
+    probs = torch.softmax(torch.from_numpy(np.asarray(logits)).double(), dim=1).numpy()
+    frame["label"] = test["y"].to_numpy()
+    for c, cls in enumerate(classes):
+        frame[f"prob_{cls}"] = probs[:, c]
+    return frame
+
+
+def build_result(*, task_kind: str, classes: list[str], names: list[str], frames: list[pd.DataFrame],
+                 index: list[tuple[int, int]], opts: EvalOptions, splits: Splits, skipped: dict[str, int],
+                 leaks: pd.DataFrame, attention: dict[str, np.ndarray] | None = None, small: str = "") -> EvalResult:
+    """An :class:`EvalResult` from per-fold prediction frames (one per ``(fold, seed repeat)`` of ``index``).
+
+    Each frame's metrics are computed on its rows (one row per slide), then every metric's estimators and
+    CIs over folds and pooled patients: the same code for every protocol.
+    """
+    per_fold = [_fold_metrics(frame, task_kind, names, classes) for frame in frames]
+    predictions = pd.concat(frames, ignore_index=True)
+    summary = _summarise(per_fold, index, predictions, task_kind, classes, opts)
+    return EvalResult(
+        task_kind=task_kind,
+        classes=classes,
+        per_fold=per_fold,
+        summary=summary,
+        predictions=predictions,
+        n_skipped=int(sum(skipped.values())),
+        split_hash=splits.hash,
+        split_name=splits.name,
+        skipped=skipped,
+        n_leaks=int(leaks["case_id"].nunique()) if len(leaks) else 0,
+        attention=dict(attention or {}),
+        per_fold_index=list(index),
+        small_folds=small,
+    )
+
+
+def evaluate_features(
+    *,
+    task_kind: str,
+    classes: list[str],
+    manifest: pd.DataFrame,
+    features: Mapping[str, np.ndarray],
+    splits: Splits,
+    aggregator: Aggregator,
+    opts: EvalOptions,
+    progress: Progress | None = None,
+    metrics: list[str] | None = None,
+    attention_per_fold: int = 2,
+    check_folds: bool = True,
+) -> EvalResult:
+    """Evaluate ``features`` (``slide_id -> [N, D]``) on a task over ``splits``.
+
+    ``task_kind`` is ``subtyping``, ``grading`` or ``survival`` (manifest columns ``time`` and ``event``;
+    ``classes`` is ignored). ``metrics`` defaults to the task kind's
+    :data:`~histobench.evaluate.metrics.DEFAULT_METRICS`; for survival each named metric is also reported
+    for the Cox model with a ``cox_`` prefix, plus ``logrank_p``. ``progress(message, done, total)`` is
+    called after each fold (all its seeds). Fold ``k``, repeat ``s`` is trained with seed
+    ``opts.seed + 1000 * s + k``.
+
+    With ``check_folds`` the test folds are counted on the slides that have features (see
+    :mod:`histobench.evaluate.folds`): too few patients of a class refuses under ``opts.small_folds ==
+    "refuse"``; under ``"fewer"`` the splits are the caller's choice (``check_fold_sizes`` makes fewer folds
+    before pretraining), so the evaluation goes on with a ``UserWarning``, kept in ``EvalResult.small_folds``.
+    """
+    import torch
+
+    names = metric_names(task_kind, metrics)
+    survival = task_kind == "survival"
+    classes = [str(c) for c in classes]
+    usable = labelled_slides(task_kind, classes, manifest, features, splits)
+    m, bags, in_dim = usable.frame, usable.bags, usable.in_dim
+    small, leaks = check_splits(splits, m, manifest, task_kind, classes, opts, check_folds)
 
     # ------------------------------------------------------------------ folds x seeds
     n_out = opts.survival_bins if survival else len(classes)
-    per_fold: list[dict[str, float]] = []
     index: list[tuple[int, int]] = []
     frames: list[pd.DataFrame] = []
     attention: dict[str, np.ndarray] = {}
     folds = sorted(int(f) for f in splits.table["fold"].unique())
     for done, k in enumerate(folds, start=1):
-        train = fold_slides(k, ("train", "val"))
-        test = fold_slides(k, ("test",))
+        train = fold_slides(m, splits, k, ("train", "val"))
+        test = fold_slides(m, splits, k, ("test",))
         if train.empty or test.empty:
             raise HistobenchError(f"fold {k} has no {'training' if train.empty else 'test'} slides with features")
         train_bags = [bags[s] for s in train["slide_id"]]
@@ -232,11 +309,11 @@ def evaluate_features(
             else:
                 module = fit_aggregator(module, train_bags, train["y"].to_numpy(), fold_opts, n_outputs=n_out)
             out, att = predict(module, test_bags)
-            frame = pd.DataFrame({"slide_id": test["slide_id"].values, "case_id": test["case_id"].values,
-                                  "fold": k, "seed": rep})
             if survival:
                 from histobench.evaluate.survival import risk_from_logits, survival_curves
 
+                frame = pd.DataFrame({"slide_id": test["slide_id"].values, "case_id": test["case_id"].values,
+                                      "fold": k, "seed": rep})
                 frame["time"] = test["time"].to_numpy(dtype=np.float64)
                 frame["event"] = test["event"].to_numpy().astype(int)
                 frame["risk"] = risk_from_logits(out)
@@ -244,11 +321,7 @@ def evaluate_features(
                 for j, col in enumerate(survival_curves(out).T):
                     frame[f"surv_{j}"] = col
             else:
-                probs = torch.softmax(torch.from_numpy(out).double(), dim=1).numpy()
-                frame["label"] = test["y"].to_numpy()
-                for c, cls in enumerate(classes):
-                    frame[f"prob_{cls}"] = probs[:, c]
-            per_fold.append(_fold_metrics(frame, task_kind, names, classes))
+                frame = classification_frame(test, out, classes, k, rep)
             index.append((k, rep))
             frames.append(frame)
             if rep == 0:
@@ -259,23 +332,8 @@ def evaluate_features(
             progress(f"fold {k}", done, len(folds))
 
     # ------------------------------------------------------------------ summary
-    predictions = pd.concat(frames, ignore_index=True)
-    summary = _summarise(per_fold, index, predictions, task_kind, classes, opts)
-    return EvalResult(
-        task_kind=task_kind,
-        classes=classes,
-        per_fold=per_fold,
-        summary=summary,
-        predictions=predictions,
-        n_skipped=int(sum(skipped.values())),
-        split_hash=splits.hash,
-        split_name=splits.name,
-        skipped=skipped,
-        n_leaks=int(leaks["case_id"].nunique()) if len(leaks) else 0,
-        attention=attention,
-        per_fold_index=index,
-        small_folds=small,
-    )
+    return build_result(task_kind=task_kind, classes=classes, names=names, frames=frames, index=index, opts=opts,
+                        splits=splits, skipped=usable.skipped, leaks=leaks, attention=attention, small=small)
 
 
 def _summarise(per_fold: list[dict[str, float]], index: list[tuple[int, int]], predictions: pd.DataFrame,
