@@ -1,0 +1,1 @@
+"""histobench's core analyses (``histobench analyze NAME``), registered in :mod:`histobench.builtin`."""
