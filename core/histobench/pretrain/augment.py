@@ -64,6 +64,63 @@ def _luma(x: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------- geometry
 
 
+def crop_theta(
+    b: int,
+    h: int,
+    w: int,
+    scale: Range = (0.08, 1.0),
+    ratio: Range = (3 / 4, 4 / 3),
+    *,
+    hflip: float = 0.5,
+    vflip: float = 0.0,
+    rot90: bool = False,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The ``[B, 2, 3]`` affine maps of :func:`random_resized_crop` for ``b`` images of ``h x w`` pixels.
+
+    Draws the random numbers of :func:`random_resized_crop` in the same order (area, aspect, centre, flips,
+    rotation), so a crop drawn here and applied with :func:`warp` to images and, with nearest-neighbour, to
+    their label maps is exactly the crop :func:`random_resized_crop` would have made of the images.
+    """
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    area = _uniform(b, scale[0], scale[1], generator, dev) * (h * w)
+    log_r = _uniform(b, math.log(ratio[0]), math.log(ratio[1]), generator, dev)
+    aspect = torch.exp(log_r)
+    cw = torch.sqrt(area * aspect).clamp(max=w)  # crop width and height in pixels
+    ch = torch.sqrt(area / aspect).clamp(max=h)
+    # centre uniformly among the positions that keep the crop inside the image
+    cx = cw / 2 + torch.rand(b, generator=generator, device=dev) * (w - cw)
+    cy = ch / 2 + torch.rand(b, generator=generator, device=dev) * (h - ch)
+
+    # output coordinates (u, v) in [-1, 1] map to input (x, y) = centre + half_extent * R @ F @ (u, v)
+    fx = torch.where(_coin(b, hflip, generator, dev), -1.0, 1.0)
+    fy = torch.where(_coin(b, vflip, generator, dev), -1.0, 1.0)
+    if rot90:
+        k = torch.randint(0, 4, (b,), generator=generator, device=dev).float()
+        cos, sin = torch.cos(k * (math.pi / 2)).round(), torch.sin(k * (math.pi / 2)).round()
+    else:
+        cos, sin = torch.ones(b, device=dev), torch.zeros(b, device=dev)
+    sx, sy = cw / w, ch / h  # half extents in normalised coordinates
+    return torch.stack(
+        [
+            torch.stack([sx * cos * fx, -sx * sin * fy, 2 * cx / w - 1], dim=1),
+            torch.stack([sy * sin * fx, sy * cos * fy, 2 * cy / h - 1], dim=1),
+        ],
+        dim=1,
+    )
+
+
+def warp(x: torch.Tensor, theta: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
+    """Resample ``x`` ``[B, C, H, W]`` (float) through the affine maps ``theta`` ``[B, 2, 3]`` to ``size x size``.
+
+    ``mode="bilinear"`` for images; ``"nearest"`` for label maps (each output pixel takes the label of the
+    input pixel nearest to its source point, so labels are never mixed). Borders reflect.
+    """
+    grid = F.affine_grid(theta.to(x.dtype), [x.shape[0], x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode=mode, padding_mode="reflection", align_corners=False)
+
+
 def random_resized_crop(
     x: torch.Tensor,
     size: int,
@@ -89,38 +146,13 @@ def random_resized_crop(
 
     Returns:
         Float ``[B, C, size, size]`` (in ``[0, 1]`` for uint8 input). Each output is one affine resampling
-        (``F.grid_sample``, bilinear) of its input.
+        (``F.grid_sample``, bilinear) of its input: :func:`warp` with the maps of :func:`crop_theta`.
     """
     x = to_float(x)
     b, _, h, w = x.shape
-    dev = x.device
-    area = _uniform(b, scale[0], scale[1], generator, dev) * (h * w)
-    log_r = _uniform(b, math.log(ratio[0]), math.log(ratio[1]), generator, dev)
-    aspect = torch.exp(log_r)
-    cw = torch.sqrt(area * aspect).clamp(max=w)  # crop width and height in pixels
-    ch = torch.sqrt(area / aspect).clamp(max=h)
-    # centre uniformly among the positions that keep the crop inside the image
-    cx = cw / 2 + torch.rand(b, generator=generator, device=dev) * (w - cw)
-    cy = ch / 2 + torch.rand(b, generator=generator, device=dev) * (h - ch)
-
-    # output coordinates (u, v) in [-1, 1] map to input (x, y) = centre + half_extent * R @ F @ (u, v)
-    fx = torch.where(_coin(b, hflip, generator, dev), -1.0, 1.0)
-    fy = torch.where(_coin(b, vflip, generator, dev), -1.0, 1.0)
-    if rot90:
-        k = torch.randint(0, 4, (b,), generator=generator, device=dev).float()
-        cos, sin = torch.cos(k * (math.pi / 2)).round(), torch.sin(k * (math.pi / 2)).round()
-    else:
-        cos, sin = torch.ones(b, device=dev), torch.zeros(b, device=dev)
-    sx, sy = cw / w, ch / h  # half extents in normalised coordinates
-    theta = torch.stack(
-        [
-            torch.stack([sx * cos * fx, -sx * sin * fy, 2 * cx / w - 1], dim=1),
-            torch.stack([sy * sin * fx, sy * cos * fy, 2 * cy / h - 1], dim=1),
-        ],
-        dim=1,
-    )
-    grid = F.affine_grid(theta, [b, x.shape[1], size, size], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    theta = crop_theta(b, h, w, scale, ratio, hflip=hflip, vflip=vflip, rot90=rot90, generator=generator,
+                       device=x.device)
+    return warp(x, theta, size)
 
 
 # ----------------------------------------------------------------------------------------- photometric
@@ -256,34 +288,48 @@ class MultiCropAugment:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None, masks: torch.Tensor | None = None):
+        """The views of ``images``; with ``masks`` (integer label maps ``[B, H, W]``, pixel-aligned with the
+        images) also each view's labels: ``(views, mask_views)``, the masks cropped, flipped and rotated exactly
+        like their view (nearest neighbour, ``[B, size, size]`` long) and never colour-augmented. The random
+        numbers drawn are the same with or without masks."""
         with torch.autocast(images.device.type, enabled=False):  # pixels stay float32 under a bf16 training step
-            return self._call(images, generator)
+            views, mask_views = self._call(images, generator, masks)
+        return views if masks is None else (views, mask_views)
 
-    def _call(self, images: torch.Tensor, generator: torch.Generator | None) -> list[torch.Tensor]:
+    def _call(self, images: torch.Tensor, generator: torch.Generator | None, masks: torch.Tensor | None = None):
         b = images.shape[0]
         x = to_float(images)
+        m = None if masks is None else masks.to(torch.float32).unsqueeze(1)  # labels < 2**24 are exact in float32
         views: list[torch.Tensor] = []
+        mask_views: list[torch.Tensor] = []
         if self.n_global:
             pick = [min(i, len(self.global_blur_p) - 1) for i in range(self.n_global)]
             blur_p = torch.tensor([self.global_blur_p[i] for i in pick]).repeat_interleave(b)
             pick = [min(i, len(self.global_solarize_p) - 1) for i in range(self.n_global)]
             sol_p = torch.tensor([self.global_solarize_p[i] for i in pick]).repeat_interleave(b)
-            g = self._views(x, self.n_global, self.global_size, self.global_scale, blur_p, sol_p, generator)
+            g, gm = self._views(x, self.n_global, self.global_size, self.global_scale, blur_p, sol_p, generator, m)
             views += list(g.split(b))
+            mask_views += list(gm.split(b)) if gm is not None else []
         if self.n_local:
-            l = self._views(x, self.n_local, self.local_size, self.local_scale, self.local_blur_p, 0.0, generator)
+            l, lm = self._views(x, self.n_local, self.local_size, self.local_scale, self.local_blur_p, 0.0, generator, m)
             views += list(l.split(b))
-        return views
+            mask_views += list(lm.split(b)) if lm is not None else []
+        return views, mask_views
 
-    def _views(self, x, n, size, scale, blur_p, solarize_p, generator) -> torch.Tensor:
-        y = random_resized_crop(
-            x.repeat(n, 1, 1, 1), size, scale, self.ratio, hflip=self.hflip,
-            vflip=0.5 if self.rotations else 0.0, rot90=self.rotations, generator=generator,
+    def _views(self, x, n, size, scale, blur_p, solarize_p, generator, masks=None):
+        b, _, h, w = x.shape
+        theta = crop_theta(
+            b * n, h, w, scale, self.ratio, hflip=self.hflip, vflip=0.5 if self.rotations else 0.0,
+            rot90=self.rotations, generator=generator, device=x.device,
         )
+        y = warp(x.repeat(n, 1, 1, 1), theta, size)
         y = color_jitter(y, *self.jitter, p=self.jitter_p, generator=generator)
         y = random_grayscale(y, self.grayscale_p, generator=generator)
         y = gaussian_blur(y, blur_p, self.blur_sigma, generator=generator)
         if isinstance(solarize_p, torch.Tensor) or solarize_p > 0:
             y = solarize(y, solarize_p, generator=generator)
-        return normalize(y, self.mean, self.std)
+        labels = None
+        if masks is not None:  # the same maps, nearest neighbour, no photometric step
+            labels = warp(masks.repeat(n, 1, 1, 1), theta, size, mode="nearest")[:, 0].round().long()
+        return normalize(y, self.mean, self.std), labels
