@@ -18,9 +18,11 @@ def register_segmenters(register):
 
 @hookimpl
 def register_protocols(register):
+    from histobench.evaluate.knn import KNNHierarchical
     from histobench.evaluate.protocols import FrozenMIL
 
     register(FrozenMIL)
+    register(KNNHierarchical)
 
 
 @hookimpl
@@ -28,3 +30,12 @@ def register_text_encoders(register):
     from histobench.text.hashing import HashingTextEncoder
 
     register(HashingTextEncoder)
+
+
+@hookimpl
+def register_analyses(register):
+    from histobench.analyses.attention import AttentionAnalysis
+    from histobench.analyses.cka_analysis import CKAAnalysis
+
+    register(AttentionAnalysis)
+    register(CKAAnalysis)
