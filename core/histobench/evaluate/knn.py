@@ -26,7 +26,6 @@ fits in memory on a CPU.
 
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -112,8 +111,7 @@ class KNNHierarchical(Protocol):
         import torch
 
         from histobench.evaluate import stats
-        from histobench.evaluate.folds import describe_small_fold, fold_class_counts
-        from histobench.evaluate.protocol import EvalResult, _fold_metrics, _label_index, _summarise
+        from histobench.evaluate.protocol import build_result, check_splits, fold_slides, labelled_slides, metric_names
 
         task, o, opts, splits = inputs.task, self.options, inputs.eval, inputs.splits
         if task.task_kind == "survival":
@@ -122,55 +120,12 @@ class KNNHierarchical(Protocol):
         if inputs.features is None:
             raise HistobenchError(f"protocol {self.name!r} needs the cached tile features")
         classes = [str(c) for c in task.classes]
-        names = list(task.metrics) or None
-        from histobench.evaluate.metrics import DEFAULT_METRICS
-
-        names = names or list(DEFAULT_METRICS[task.task_kind])
-
-        # ---------------------------------------------------------------- usable slides (as frozen-mil counts them)
-        man = inputs.manifest
-        m = man.assign(slide_id=man["slide_id"].astype(str), case_id=man["case_id"].astype(str)).drop_duplicates("slide_id")
-        m = m.assign(y=_label_index(m, classes).values)
-        skipped = {"unlabeled": int((m["y"] < 0).sum()), "missing_features": 0, "empty": 0, "not_in_splits": 0}
-        m = m[m["y"] >= 0]
-        test_side = splits.table[splits.table["split"] == "test"]
-        in_splits = (m["slide_id"].isin(test_side["slide_id"]) if splits.slide_level
-                     else m["case_id"].isin(test_side["case_id"]))
-        skipped["not_in_splits"] = int((~in_splits).sum())
-        m = m[in_splits]
-        bags: dict[str, np.ndarray] = {}
-        for sid in m["slide_id"]:
-            if sid not in inputs.features:
-                skipped["missing_features"] += 1
-                continue
-            arr = np.asarray(inputs.features[sid], dtype=np.float32)
-            if arr.ndim != 2 or len(arr) == 0:
-                skipped["empty"] += 1
-                continue
-            bags[sid] = arr
-        m = m[m["slide_id"].isin(bags)].reset_index(drop=True)
-        if m.empty:
-            raise HistobenchError("no slide has both a label and features")
-        if len({a.shape[1] for a in bags.values()}) != 1:
-            raise HistobenchError(f"feature widths differ between slides: {sorted({a.shape[1] for a in bags.values()})}")
-        small = ""
-        problem = describe_small_fold(fold_class_counts(splits, m, task.task_kind, classes), opts.min_test_per_class,
-                                      task.task_kind)
-        if problem:
-            small = f"split {splits.name!r} ({m['case_id'].nunique()} patients with features): {problem}"
-            if opts.small_folds == "refuse":
-                raise HistobenchError(f"{small}; refusing (eval.small_folds=refuse): use fewer folds (-o task.folds=K)")
-            warnings.warn(f"{small}; per-fold values are coarse", stacklevel=2)
-        leaks = splits.audit(man)
+        names = metric_names(task.task_kind, list(task.metrics) or None)
+        usable = labelled_slides(task.task_kind, classes, inputs.manifest, inputs.features, splits)
+        m, bags = usable.frame, usable.bags
+        small, leaks = check_splits(splits, m, inputs.manifest, task.task_kind, classes, opts)
         label_of = dict(zip(m["slide_id"], m["y"]))
         case_of = dict(zip(m["slide_id"], m["case_id"]))
-
-        def side(k: int, sides: tuple[str, ...]) -> list[str]:
-            if splits.slide_level:
-                ids = {s for sd in sides for s in splits.slides(k, sd) or []}
-                return [s for s in m["slide_id"] if s in ids]
-            cases = {c for sd in sides for c in splits.cases(k, sd)}
-            return [s for s, c in zip(m["slide_id"], m["case_id"]) if c in cases]
 
         def stack(slide_ids: list[str], cap: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
             rng = np.random.default_rng(seed)
@@ -184,11 +139,11 @@ class KNNHierarchical(Protocol):
             return np.concatenate(feats), np.array(owner, dtype=object)
 
         # ---------------------------------------------------------------- folds
-        per_fold, index, frames = [], [], []
+        levels_per_fold, index, frames = [], [], []
         folds = sorted(int(f) for f in splits.table["fold"].unique())
         for done, k in enumerate(folds, start=1):
-            train = side(k, ("train", "val") if o.use_val else ("train",))
-            test = side(k, ("test",))
+            train = list(fold_slides(m, splits, k, ("train", "val") if o.use_val else ("train",))["slide_id"])
+            test = list(fold_slides(m, splits, k, ("test",))["slide_id"])
             if not train or not test:
                 raise HistobenchError(f"fold {k} has no {'training' if not train else 'test'} slides with features")
             bank_x, bank_owner = stack(train, o.bank_tiles_per_slide, opts.seed + k)
@@ -202,31 +157,27 @@ class KNNHierarchical(Protocol):
                                   "fold": k, "seed": 0, "label": [label_of[s] for s in slide_sum]})
             for c, cls in enumerate(classes):
                 frame[f"prob_{cls}"] = slide_p[:, c]
-            fold_metrics = _fold_metrics(frame, task.task_kind, names, classes)
             patient_label = {case_of[s]: label_of[s] for s in slide_sum}
             pat_p = np.stack([v / v.sum() for v in patient_sum.values()])
-            levels = {
+            pairs = {
                 "patch": _accuracy_pair(np.array([label_of[s] for s in test_owner]), probs),
                 "slide": _accuracy_pair(frame["label"].to_numpy(), slide_p),
                 "patient": _accuracy_pair(np.array([patient_label[c] for c in patient_sum]), pat_p),
             }
-            for lvl, (acc, mca) in levels.items():
-                fold_metrics[f"{lvl}_accuracy"], fold_metrics[f"{lvl}_mca"] = acc, mca
-            per_fold.append(fold_metrics)
+            levels_per_fold.append({f"{lvl}_{key}": v for lvl, (acc, mca) in pairs.items()
+                                    for key, v in (("accuracy", acc), ("mca", mca))})
             index.append((k, 0))
             frames.append(frame)
             if inputs.progress is not None:
                 inputs.progress(f"fold {k}", done, len(folds))
 
-        predictions = pd.concat(frames, ignore_index=True)
-        task_only = [{n: f[n] for n in names} for f in per_fold]
-        summary = _summarise(task_only, index, predictions, task.task_kind, classes, opts)
+        # the task's metrics from the slide probabilities, by the core; the level metrics beside them (fold estimator)
+        result = build_result(task_kind=task.task_kind, classes=classes, names=names, frames=frames, index=index,
+                              opts=opts, splits=splits, skipped=usable.skipped, leaks=leaks, small=small)
+        for fold_metrics, extra in zip(result.per_fold, levels_per_fold):
+            fold_metrics.update(extra)
         for name in LEVEL_METRICS:
-            entry = stats.fold_estimate([f[name] for f in per_fold], name)
+            entry = stats.fold_estimate([f[name] for f in levels_per_fold], name)
             entry["mean"], entry["sd"] = entry["fold_mean"], entry["fold_sd"]
-            summary[name] = entry
-        return EvalResult(task_kind=task.task_kind, classes=classes, per_fold=per_fold, summary=summary,
-                          predictions=predictions, n_skipped=int(sum(skipped.values())), split_hash=splits.hash,
-                          split_name=splits.name, skipped=skipped,
-                          n_leaks=int(leaks["case_id"].nunique()) if len(leaks) else 0, per_fold_index=index,
-                          small_folds=small)
+            result.summary[name] = entry
+        return result
