@@ -2,6 +2,7 @@
 
 import pytest
 
+from histobench.errors import HistobenchError
 from histobench.registry import get_components
 from histobench.testing import check_aggregator, check_encoder, check_pretext, check_task, check_text_encoder
 from histobench.testing import check_segmenter
@@ -31,7 +32,12 @@ def test_task_contract(name, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(get_components("text_encoder")))
 def test_text_encoder_contract(name):
-    check_text_encoder(name)
+    try:
+        check_text_encoder(name)
+    except HistobenchError as e:  # an optional extra or a model's weights that this machine lacks
+        if "not available here" not in str(e):
+            raise
+        pytest.skip(str(e))
 
 
 @pytest.mark.parametrize("name", sorted(get_components("segmenter")))

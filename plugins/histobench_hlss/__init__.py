@@ -1,4 +1,13 @@
 """histobench-hlss: HLSS, hierarchical language-tied self-supervision (Watawana et al., MICCAI 2024, arXiv
 2403.14616): text encoders, task descriptions and the HLSS pretext. Hookimpls and imports only."""
 
-from histobench import hookimpl  # noqa: F401  (the hookimpls are added as the plugin's parts land)
+from histobench import hookimpl
+
+
+@hookimpl
+def register_text_encoders(register):
+    from histobench_hlss.text_encoders import CachedTextEncoder, MiniLMTextEncoder, OpenCLIPTextEncoder
+
+    register(OpenCLIPTextEncoder)
+    register(MiniLMTextEncoder)
+    register(CachedTextEncoder)
