@@ -20,8 +20,10 @@ def register_segmenters(register):
 def register_protocols(register):
     from histobench.evaluate.knn import KNNHierarchical
     from histobench.evaluate.protocols import FrozenMIL
+    from histobench.evaluate.topk import TopKFinetune
 
     register(FrozenMIL)
+    register(TopKFinetune)
     register(KNNHierarchical)
 
 
