@@ -11,3 +11,17 @@ def register_text_encoders(register):
     register(OpenCLIPTextEncoder)
     register(MiniLMTextEncoder)
     register(CachedTextEncoder)
+
+
+@hookimpl
+def register_pretexts(register):
+    from histobench_hlss.pretext import HLSS
+
+    register(HLSS)
+
+
+@hookimpl
+def register_encoders(register):
+    from histobench_hlss.encoder import ClipRN50
+
+    register(ClipRN50)
