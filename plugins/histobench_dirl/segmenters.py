@@ -185,6 +185,11 @@ class StarDistSegmenter(Segmenter):
         super().__init__(*args, **kwargs)
         self._model = None
 
+    @classmethod
+    def missing_extra(cls) -> str | None:
+        """Why this segmenter cannot run here (the extra is not installed), or None; imports nothing."""
+        return stardist_missing()
+
     def _model_folder(self) -> Path | None:
         if self.options.model_dir is None:
             return None
