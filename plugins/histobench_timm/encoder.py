@@ -11,7 +11,13 @@ Weights: random (default), the hub (``pretrained=True``; needs network access on
 file (``checkpoint``): a state dict in ``.pth``/``.pt``/``.bin``/``.safetensors``, possibly nested under
 ``state_dict``/``model``/``teacher`` and prefixed by ``module.``/``backbone.``/``model.``; it passes the
 architecture's timm ``checkpoint_filter_fn`` (e.g. position-embedding resizing) and must then match the
-model exactly (the classifier head is ignored).
+model exactly (the classifier head is ignored). Hub ids (``hf-hub:org/name``) are accepted as ``arch``.
+
+Truncation (HistoTransfer, Sharma et al., IEEE BHI 2021, arXiv:2106.07068): ``truncate_at`` cuts the network
+after a named stage or block (``layer3``, ``denseblock3``, ``block:6``; :mod:`histobench_timm.truncate`), after
+its weights are loaded, with ``pool`` and ``final_act``. The cut is part of :meth:`TimmEncoder.weights_tag`, so
+two cuts of the same weights never share cached features (the pooling and the activation do not change the
+state dict, hence its hash).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import difflib
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
@@ -56,6 +62,12 @@ class TimmEncoder(Encoder):
         dynamic_img_size: bool = Field(True, description="ViTs accept any input size (interpolated positions).")
         mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="Normalisation mean (RGB).")
         std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="Normalisation std (RGB).")
+        truncate_at: str | None = Field(None, description="Cut after this stage or block (layer3, denseblock3, "
+                                        "block:6); None keeps the whole network.")
+        pool: Literal["avg", "max", "token"] | None = Field(None, description="Pooling of a cut: avg (CNN default), "
+                                                            "max, or token (ViT default: the class token).")
+        final_act: Literal["none", "relu"] = Field("none", description="Activation on a cut's map before pooling; "
+                                                    "none also drops a fused one (timm DenseNet norm5).")
 
     def transform(self) -> InputTransform:
         return InputTransform(size=self.options.img_size, mean=tuple(self.options.mean), std=tuple(self.options.std))
@@ -63,16 +75,19 @@ class TimmEncoder(Encoder):
     def weights_tag(self) -> str:
         o = self.options
         if o.checkpoint:
-            return f"file:{Path(o.checkpoint).name}"
-        if o.pretrained:
-            return f"hub:{o.arch}"
-        return "random"
+            tag = f"file:{Path(o.checkpoint).name}"
+        elif o.pretrained:
+            tag = f"hub:{o.arch}"
+        else:
+            tag = "random"
+        return tag + cut_tag(o.truncate_at, o.pool, o.final_act)
 
     def build(self) -> "nn.Module":
         import timm
 
         o = self.options
-        if not timm.is_model(o.arch):
+        check_cut_options(o.truncate_at, o.pool, o.final_act)
+        if not (timm.is_model(o.arch) or o.arch.startswith(HUB_PREFIXES)):
             close = difflib.get_close_matches(o.arch, timm.list_models(), n=3, cutoff=0.6)
             hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
             raise HistobenchError(f"unknown timm architecture {o.arch!r}{hint}")
@@ -85,7 +100,28 @@ class TimmEncoder(Encoder):
         model = _create(o.arch, pretrained=o.pretrained and ckpt is None, **kwargs)
         if ckpt is not None:
             _load_checkpoint(model, ckpt)
+        if o.truncate_at:
+            from histobench_timm.truncate import truncate
+
+            model = truncate(model, o.truncate_at, o.pool, o.final_act, arch=o.arch)
         return _backbone_class()(model)
+
+
+HUB_PREFIXES = ("hf-hub:", "hf_hub:")
+
+
+def cut_tag(truncate_at: str | None, pool: str | None, final_act: str) -> str:
+    """What a cut adds to a weights tag: ``@layer3``, ``@denseblock3+relu``, ``@block:6+avg`` (empty for none)."""
+    if not truncate_at:
+        return ""
+    return f"@{truncate_at}" + (f"+{pool}" if pool else "") + ("+relu" if final_act == "relu" else "")
+
+
+def check_cut_options(truncate_at: str | None, pool: str | None, final_act: str) -> None:
+    """``pool`` and ``final_act`` shape a cut: without ``truncate_at`` they are an error, not silently ignored."""
+    if not truncate_at and (pool is not None or final_act != "none"):
+        raise HistobenchError("options encoder.pool and encoder.final_act apply to a cut: set encoder.truncate_at "
+                              "(e.g. layer4 for a whole ResNet, norm5 for a whole DenseNet)")
 
 
 def _create(arch: str, pretrained: bool, **kwargs: Any):
@@ -98,11 +134,12 @@ def _create(arch: str, pretrained: bool, **kwargs: Any):
         except TypeError as err:
             bad = [k for k in _OPTIONAL_KWARGS if k in kwargs and f"'{k}'" in str(err)]
             if not bad:
-                raise HistobenchError(f"timm could not build {arch!r} with {kwargs}: {err}") from None
+                hint = "; clear the ViT kwargs with -o encoder.model_kwargs={}" if "patch_size" in kwargs else ""
+                raise HistobenchError(f"timm could not build {arch!r} with {kwargs}: {err}{hint}") from None
             for k in bad:
                 kwargs.pop(k)
-        except (OSError, RuntimeError) as err:
-            if not pretrained:
+        except (OSError, RuntimeError, ValueError) as err:  # the hub: offline, gated, missing, or a bad file
+            if not (pretrained or arch.startswith(HUB_PREFIXES)):
                 raise
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise HistobenchError(
