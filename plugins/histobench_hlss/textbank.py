@@ -192,6 +192,8 @@ def text_banks(descriptions: Descriptions, text_encoder: "TextEncoder", cache_di
     if own is not None and own != sha:
         raise HistobenchError(f"text encoder {text_encoder.name!r} holds a bank of descriptions {own[:12]}…, not "
                               f"{sha[:12]}… ({descriptions.task}, {descriptions.source}); rebuild the bank file")
+    if own is not None:  # the file already holds these banks, bit for bit
+        return text_encoder.stored_banks()
     path = Path(cache_dir) / bank_file_name(sha, identity) if cache_dir is not None else None
     if path is not None and path.is_file():
         return _banks_from(read_bank_file(path, sha, identity))

@@ -39,6 +39,21 @@ def options_table(cls, title: str) -> Table:
     return table
 
 
+def text_encoder_facts(cls) -> str:
+    """A text encoder's ``dim``, ``shares_image_space`` and ``max_tokens`` under its default options (read
+    without loading a model; a value that needs a missing package or file is shown as unknown, with why)."""
+    from histobench.errors import HistobenchError
+
+    enc, facts, why = cls(), [], ""
+    for attr in ("dim", "shares_image_space", "max_tokens"):
+        try:
+            facts.append(f"{attr}: {getattr(enc, attr)}")
+        except HistobenchError as e:
+            facts.append(f"{attr}: unknown")
+            why = why or f" ({e})"
+    return "  ".join(facts) + why
+
+
 def make_kind_app(command: str, kind: str) -> typer.Typer:
     app = typer.Typer(help=f"List and describe {command.replace('-', ' ')}.", no_args_is_help=True)
 
@@ -68,6 +83,8 @@ def make_kind_app(command: str, kind: str) -> typer.Typer:
         cls = entry.cls
         console.print(f"[bold]{cls.name}[/] ({kind.replace('_', ' ')}, plugin {entry.plugin} {entry.version})")
         console.print(inspect.getdoc(cls) or "", highlight=False)
+        if kind == "text_encoder":
+            console.print(text_encoder_facts(cls), highlight=False)
         console.print(options_table(cls, f"{cls.name} options (-o {kind}.NAME=VALUE)"))
         if issubclass(cls, Pretext) and (cls.train_defaults or cls.train_presets):
             table = Table(title=f"{cls.name} training policy (-o train.NAME=VALUE)", title_justify="left")
