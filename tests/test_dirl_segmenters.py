@@ -189,6 +189,16 @@ def test_missing_tensorflow_names_the_extra(monkeypatch):
     assert "pip install 'histobench[stardist]'" in msg and "\n" not in msg
 
 
+def test_stardist_blank_tile_is_zero_without_the_model():
+    """Glass: per-tile percentile normalisation would stretch its noise to 0..1 (a tiny model then found 99
+    "nuclei" on a white tile); under min_contrast grey levels the model is not run. Needs no TensorFlow."""
+    seg = create("segmenter", "stardist")
+    seg._model = object()  # never called: a blank tile returns before the model (and before any import)
+    glass = np.clip(250 + np.random.default_rng(1).normal(0, 2, (64, 64, 3)), 0, 255).astype(np.uint8)
+    inst, types_ = seg.segment(glass)
+    assert inst.shape == (64, 64) and inst.dtype == np.uint16 and inst.max() == 0 and types_ is None
+
+
 def _fake_stardist(monkeypatch, from_pretrained):
     """A stand-in ``stardist.models`` whose StarDist2D.from_pretrained is ``from_pretrained``."""
     pkg, models = types.ModuleType("stardist"), types.ModuleType("stardist.models")
@@ -241,7 +251,13 @@ def test_stardist_identity_follows_the_weights(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    """The plugin's script trains a tiny StarDist model on synthetic nuclei (where the extra is installed)."""
+    """The plugin's script trains a tiny StarDist model on synthetic nuclei (where the extra is installed);
+    HISTOBENCH_TINY_STARDIST names a folder the script made before, to skip the training (a minute or more)."""
+    import os
+
+    made = os.environ.get("HISTOBENCH_TINY_STARDIST")
+    if made:
+        return Path(made)
     out = tmp_path_factory.mktemp("tiny-stardist") / "model"
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out)], capture_output=True, text=True,
@@ -269,7 +285,7 @@ def test_tiny_stardist_finds_synthetic_nuclei(tiny_model, synthetic_slides):
                                                 [str(p) for p in synthetic_slides]).result()
     print(f"tiny stardist vs oracle: recall {recall:.3f}, precision {precision:.3f} ({n_true} true nuclei)")
     assert recall > 0.3 and precision > 0.3
-    white = np.full((64, 64, 3), 255, np.uint8)
+    white = np.clip(250 + np.random.default_rng(1).normal(0, 2, (64, 64, 3)), 0, 255).astype(np.uint8)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         assert pool.submit(_stardist_max_label, str(tiny_model), white).result() == 0
 

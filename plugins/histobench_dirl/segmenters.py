@@ -12,11 +12,12 @@ tile; the authors' lab uses HoVer-Net. This plugin implements the reconstruction
   options in µm and µm², converted with the tile's µm/px (``TileRef.mpp``). No weights: it runs on any H&E.
 * :class:`StarDistSegmenter` (``stardist``): star-convex polygons (Schmidt et al., MICCAI 2018) with the
   pretrained ``2D_versatile_he`` model (trained on 40x H&E: MoNuSeg 2018 and TNBC) or a local model folder.
-  Input is normalised per tile by the (1, 99.8) percentiles over all channels, as the model expects; the
-  ``scale`` option resizes the tile before prediction (2.0 for 20x, ~0.5 µm/px tiles, so that nuclei have
-  the size the model was trained on) and StarDist maps the labels back to the tile. TensorFlow is the
-  optional extra ``histobench[stardist]``; the segmenter runs in its own spawned process, never next to
-  torch's triton.
+  Input is normalised per tile by the (1, 99.8) percentiles over all channels, as the model expects; a tile
+  whose percentile range is under ``min_contrast`` grey levels is blank (normalising it would stretch JPEG
+  noise into "nuclei", which a tiny model duly finds). The ``scale`` option resizes the tile before
+  prediction (2.0 for 20x, ~0.5 µm/px tiles, so that nuclei have the size the model was trained on) and
+  StarDist maps the labels back to the tile. TensorFlow is the optional extra ``histobench[stardist]``; the
+  segmenter runs in its own spawned process, never next to torch's triton.
 
 :func:`overlay` draws instance outlines on a tile, for looking at either segmenter's output.
 
@@ -180,6 +181,9 @@ class StarDistSegmenter(Segmenter):
                                                                        "suppression (default: the model's).")
         norm_low: float = Field(1.0, ge=0, lt=100, description="Lower percentile of the per-tile normalisation.")
         norm_high: float = Field(99.8, gt=0, le=100, description="Upper percentile of the per-tile normalisation.")
+        min_contrast: float = Field(20.0, ge=0, description="A tile whose percentile range (grey levels, 0-255) is "
+                                                            "narrower is blank: no nuclei, the model is not run "
+                                                            "(normalising it would stretch noise into nuclei).")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -242,12 +246,15 @@ class StarDistSegmenter(Segmenter):
         self._model = model
 
     def segment(self, tile: np.ndarray, ref: TileRef | None = None) -> tuple[np.ndarray, None]:
-        from csbdeep.utils import normalize
-
-        if self._model is None:
-            self.setup()
         o = self.options
         img = np.asarray(tile)[..., :3].astype(np.float32)
+        lo, hi = np.percentile(img, [o.norm_low, o.norm_high])
+        if hi - lo < o.min_contrast:  # glass or a flat colour: per-tile normalisation would invent nuclei
+            return np.zeros(img.shape[:2], np.uint16), None
+        if self._model is None:
+            self.setup()
+        from csbdeep.utils import normalize
+
         x = normalize(img, o.norm_low, o.norm_high, axis=(0, 1, 2))
         labels, _ = self._model.predict_instances(x, axes="YXC", scale=o.scale, prob_thresh=o.prob_thresh,
                                                   nms_thresh=o.nms_thresh, verbose=False,
