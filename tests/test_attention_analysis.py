@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from histobench.analyses import attention_metrics as am
 from histobench.cli.app import build_app
 from histobench.errors import HistobenchError
+from histobench.segment.oracle import OracleSegmenter
 
 runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -308,3 +309,34 @@ def test_the_oracle_segmenter_adds_prior_coverage(work):
     assert test["direction"] == ">" and test["p"] < 0.05
     assert get_run(run_id, work[1])["metrics"]["prior_kl/peaked"] == pytest.approx(metrics["prior_kl/peaked"])
     assert not list((work[0] / "analyses" / f"attention-{run_id}").glob("*.png"))  # overlay_tiles=0
+
+
+class OwnProcessOracle(OracleSegmenter):
+    """The oracle as a segmenter that must run in its own process (as StarDist does); fails on ``x == -1``."""
+
+    name = "oracle-own-process"
+    own_process = True
+
+    def segment(self, tile, ref=None):
+        if ref.x == -1:
+            raise ValueError("no such tile")
+        return super().segment(tile, ref)
+
+
+def test_an_own_process_segmenter_runs_in_a_worker_and_records_failed_tiles(work):
+    from dataclasses import replace
+
+    from histobench.analyses.attention import segment_tiles
+    from histobench.analyze.tiles import held_out_tiles
+    from histobench.registry import create
+
+    task = create("task", "tcga-nsclc", {"demo_patients": 4, "demo_slide_px": 1024}, "demo")
+    tiles, refs, _ = held_out_tiles(task, True, None, work[0], N_TILES, seed=0)  # cached by the CLI tests
+    hwc = tiles[:4].permute(0, 2, 3, 1).numpy()
+    here, failed = segment_tiles(OracleSegmenter(), hwc, refs[:4])
+    assert failed == [] and sum(int(inst.max()) for inst, _ in here) > 0
+    refs = [refs[0], replace(refs[1], x=-1), refs[2], refs[3]]
+    there, failed = segment_tiles(OwnProcessOracle(), hwc, refs)
+    assert failed == [(1, "ValueError: no such tile")] and there[1] is None
+    for i in (0, 2, 3):
+        assert np.array_equal(there[i][0], here[i][0]) and np.array_equal(there[i][1], here[i][1])
