@@ -14,7 +14,7 @@ returns one value per row:
 * :func:`gini` ``G = Σᵢ (2i − N − 1) a₍ᵢ₎ / (N Σ a)`` over the ascending-sorted row (0: even; (N−1)/N: one token).
 * :func:`prior_coverage`: with a token occupancy ``A[k, t]`` of K groups (the area share of group k in token t,
   columns summing to 1; :func:`token_occupancy`), attention mass per group ``m_k = Σ_t a[t] A[k, t]`` and area
-  share ``s_k = Σ_t A[k, t] / N``; returns ``KL(s ‖ m)`` over the groups with ``s_k > 0`` (0 when attention
+  share ``s_k = Σ_t A[k, t] / N``; returns ``KL(s ‖ m)`` in nats over the groups with ``s_k > 0`` (0 when attention
   follows tissue composition) and the number of groups with ``m_k ≥ 0.05``.
 * :func:`head_js_divergence`: the mean Jensen–Shannon divergence over all pairs of heads, in bits (∈ [0, 1]).
 
