@@ -142,6 +142,11 @@ def test_cached_encoder_serves_its_bank(hashing, tmp_path):
     cached = create("text_encoder", "cached", {"path": str(path)})
     assert cached.identity() == hashing.identity() and cached.dim == hashing.dim
     assert cached.shares_image_space is False and cached.descriptions_sha256 == desc.sha256
+    data = torch.load(path, weights_only=True)
+    data["shares_image_space"] = True  # as if openclip had written it
+    torch.save(data, tmp_path / "shared.pt")
+    assert create("text_encoder", "cached", {"path": str(tmp_path / "shared.pt")}).shares_image_space is True
+    assert type(cached).shares_image_space is False  # the class knows no file: the conservative answer
     sents = desc.sentences("slide")[:5]
     assert torch.allclose(cached.encode(sents), hashing.encode(sents), atol=1e-6)
     banks = text_banks(desc, cached)

@@ -294,6 +294,16 @@ class MiniLMTextEncoder(TextEncoder):
 # --------------------------------------------------------------------------------------------------- cached
 
 
+class _FromBankFile:
+    """``shares_image_space`` of a ``cached`` encoder: the file's value on an instance; ``False`` on the class,
+    which knows no file (so code that asks the class gets the conservative answer, an adapter)."""
+
+    def __get__(self, obj: Any, owner: type) -> bool:
+        if obj is None:
+            return False
+        return bool(obj._bank()["shares_image_space"])
+
+
 class CachedTextEncoder(TextEncoder):
     """A text-bank file: serves the sentence embeddings stored in it (hash-checked); identity from the file."""
 
@@ -323,9 +333,7 @@ class CachedTextEncoder(TextEncoder):
     def dim(self) -> int:
         return int(self._bank()["dim"])
 
-    @property
-    def shares_image_space(self) -> bool:  # type: ignore[override]
-        return bool(self._bank()["shares_image_space"])
+    shares_image_space = _FromBankFile()  # type: ignore[assignment]
 
     @property
     def descriptions_sha256(self) -> str:
