@@ -60,3 +60,24 @@ def test_extract_speed_quick(tmp_path):
         assert _positive(r[key]), key
     assert r["ratio_vs_clam"] == pytest.approx(r["histobench"]["tiles_per_second"] / r["clam_style"]["tiles_per_second"])
     assert r["ceiling_is"] in ("encoder", "cpu_decode") and r["aligned"] is None  # the nvJPEG section is CUDA-only
+
+
+def test_finetune_speed_quick(tmp_path):
+    r = _run("finetune_speed", tmp_path)
+    s = r["setting"]
+    assert s["quick"] is True and (s["tile"], s["top_k"], s["slides_per_step"]) == (32, 8, 2)
+    assert _positive(r["protocol"]["tiles_per_second"]) and _positive(r["bare"]["tiles_per_second"])
+    assert r["protocol"]["batchnorm_layers_in_eval"] > 0  # ResNet18's BatchNorm layers stay in eval mode
+    assert r["ratio"] == pytest.approx(r["protocol"]["tiles_per_second"] / r["bare"]["tiles_per_second"])
+
+
+def test_dirl_speed_quick(tmp_path):
+    r = _run("dirl_speed", tmp_path)
+    assert r["setting"]["quick"] is True and r["setting"]["groups"] == 4
+    assert _positive(r["dino"]["images_per_second"]) and _positive(r["dirl"]["images_per_second"])
+    assert r["overhead"] == pytest.approx(r["dirl"]["seconds_per_step"] / r["dino"]["seconds_per_step"])
+    assert 1 <= r["dirl"]["valid_groups_per_pair"] <= 4
+    for name in ("oracle", "hed-watershed"):
+        seg = r["segmentation"][name]
+        assert seg["tiles"] > 0 and _positive(seg["tiles_per_second"]) and seg["failed"] == 0, name
+    assert r["segmentation"]["oracle"]["nuclei_per_tile"] > 0
