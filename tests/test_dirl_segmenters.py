@@ -237,6 +237,22 @@ def test_missing_model_dir_is_a_one_line_error(tmp_path):
         create("segmenter", "stardist", {"model_dir": str(gone)}).setup()
 
 
+def test_stardist_unavailable_says_why(monkeypatch, tmp_path):
+    """What the contract test skips on: no extra, or (offline) no cached pretrained model."""
+    from histobench_dirl import segmenters
+
+    cls = segmenters.StarDistSegmenter
+    monkeypatch.setitem(sys.modules, "stardist", None)
+    assert STARDIST_EXTRA in cls.unavailable()
+    monkeypatch.setattr(segmenters, "stardist_missing", lambda: None)  # as if the extra were installed
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    assert "-o segmenter.model_dir=PATH" in cls.unavailable()
+    cached = tmp_path / "models" / "StarDist2D" / "2D_versatile_he"
+    cached.mkdir(parents=True)
+    (cached / "2D_versatile_he.zip").write_bytes(b"zip")
+    assert cls.unavailable() is None
+
+
 def test_stardist_identity_follows_the_weights(tmp_path):
     folder = tmp_path / "m"
     folder.mkdir()

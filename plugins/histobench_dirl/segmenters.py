@@ -190,9 +190,18 @@ class StarDistSegmenter(Segmenter):
         self._model = None
 
     @classmethod
-    def missing_extra(cls) -> str | None:
-        """Why this segmenter cannot run here (the extra is not installed), or None; imports nothing."""
-        return stardist_missing()
+    def unavailable(cls) -> str | None:
+        """Why this segmenter cannot run here with its default options, or None; imports nothing. Either the
+        extra is not installed, or the pretrained model is not in the Keras cache (it would need the network)."""
+        missing = stardist_missing()
+        if missing:
+            return missing
+        name = cls.Options().model
+        cached = Path(os.environ.get("KERAS_HOME", "~/.keras")).expanduser() / "models" / "StarDist2D" / name
+        if not (cached / f"{name}.zip").is_file():
+            return (f"the pretrained StarDist model {name} is not in the Keras cache ({cached}) and would need the "
+                    f"network; a local model works offline: -o segmenter.model_dir=PATH")
+        return None
 
     def _model_folder(self) -> Path | None:
         if self.options.model_dir is None:
@@ -237,8 +246,9 @@ class StarDistSegmenter(Segmenter):
         try:
             model = StarDist2D.from_pretrained(self.options.model)
         except Exception as err:  # noqa: BLE001 - offline, a proxy, a partial download
+            why = " ".join(str(err).split())[:160] or type(err).__name__
             raise HistobenchError(f"stardist: the pretrained model {self.options.model!r} cannot be fetched "
-                                  f"({type(err).__name__}); download it on a machine with network access or set "
+                                  f"({why}); download it on a machine with network access or set "
                                   f"-o segmenter.model_dir=PATH to a local model folder") from None
         if model is None:  # StarDist prints its list of names and returns None for an unknown one
             raise HistobenchError(f"stardist: no pretrained model named {self.options.model!r} (e.g. "

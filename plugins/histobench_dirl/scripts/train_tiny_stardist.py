@@ -9,16 +9,15 @@ Data: synthetic slides (``histobench.slides.synthetic``; glandular, solid and cl
 ``--mpp`` µm/px, cut into ``--patch`` px squares; the labels are the slides' true nuclei (the sidecar the
 ``oracle`` segmenter reads). Inputs are normalised by the (1, 99.8) percentiles over all channels, as the
 segmenter does. The model is small (U-Net depth 2, 16 base filters, 16 rays, grid 1): a plumbing model, not a
-segmenter for real tissue. Trained at 0.5 µm/px, it is used with ``-o segmenter.scale=1.0`` on 0.5 µm/px tiles
-(the segmenter's default scale, 2.0, is for the pretrained 40x model).
+segmenter for real tissue. ``scale`` is the tile's µm/px over the training µm/px: trained at 0.5 µm/px, the
+model takes ``-o segmenter.scale=1.0`` on 0.5 µm/px tiles, and the default 2.0 on the demo's 1 µm/px tiles.
 
 Needs the extra: ``pip install 'histobench[stardist]'``. TensorFlow 2.21 needs ``train_tensorboard=False``,
 which the config sets. Prints the validation matching at IoU 0.5 and the wall time, and writes them to
 ``train_summary.json`` in the model folder.
 
     python plugins/histobench_dirl/scripts/train_tiny_stardist.py --out models/tiny-stardist
-    histobench segment --task tcga-nsclc --demo --segmenter stardist \\
-        -o segmenter.model_dir=models/tiny-stardist -o segmenter.scale=1.0
+    histobench segment --task tcga-nsclc --demo --segmenter stardist -o segmenter.model_dir=models/tiny-stardist
 """
 
 from __future__ import annotations
@@ -135,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                "thresholds": {"prob": float(model.thresholds.prob), "nms": float(model.thresholds.nms)}}
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))
-    print(f"model folder: {out}  (use: -o segmenter.model_dir={out} -o segmenter.scale={0.5 / args.mpp:g} "
-          f"on 0.5 µm/px tiles)")
+    print(f"model folder: {out}  (use: -o segmenter.model_dir={out} -o segmenter.scale=S with S = tile µm/px / "
+          f"{args.mpp:g}: {0.5 / args.mpp:g} on 0.5 µm/px tiles, {1.0 / args.mpp:g} on the 1 µm/px demo tiles)")
     return 0
 
 
