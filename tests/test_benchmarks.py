@@ -81,3 +81,12 @@ def test_dirl_speed_quick(tmp_path):
         seg = r["segmentation"][name]
         assert seg["tiles"] > 0 and _positive(seg["tiles_per_second"]) and seg["failed"] == 0, name
     assert r["segmentation"]["oracle"]["nuclei_per_tile"] > 0
+
+
+def test_hlss_speed_quick(tmp_path):
+    r = _run("hlss_speed", tmp_path)
+    s = r["setting"]
+    assert s["quick"] is True and s["images_per_step"] == 16 and s["batch"] == "2 patients x 2 slides x 2 tiles x 2 views"
+    assert _positive(r["bare"]["images_per_second"]) and _positive(r["histobench"]["images_per_second"])
+    assert r["histobench"]["timed_steps"] == 2 and r["target_ratio"] == 0.9
+    assert r["ratio"] == pytest.approx(r["histobench"]["images_per_second"] / r["bare"]["images_per_second"])
