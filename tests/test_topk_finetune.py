@@ -332,13 +332,16 @@ def run_7_6(n_slides: int, n_tiles: int, size: int, contrast: float, k: int, see
             ev: EvalOptions):
     """Stage-1 and stage-2 held-out AUCs and the signal precision of positive slides' top-k on one fold."""
     tiles, labels, signal = motif_cohort(n_slides, n_tiles, size, contrast, seed)
-    ids = sorted(tiles)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(ids))
-    test_cases = {f"P{ids[i]}" for i in order[: len(ids) // 2]}
-    val_cases = {f"P{ids[i]}" for i in order[len(ids) // 2: len(ids) // 2 + len(ids) // 5]}
-    rows = [(0, "test" if c in test_cases else "val" if c in val_cases else "train", c) for c in (f"P{s}" for s in ids)]
-    splits = Splits(pd.DataFrame(rows, columns=["fold", "split", "case_id"]), name="one-fold")
+    neg, pos = [s for s in sorted(tiles) if not labels[s]], [s for s in sorted(tiles) if labels[s]]
+    h = len(neg) // 2
+    halves = [(neg[:h], pos[:h]), (neg[h:], pos[h:])]
+    rows = []
+    for fold in (0, 1):  # two folds: each half is the other's test side; a fifth of the training half validates
+        test = set(halves[fold][0] + halves[fold][1])
+        tn, tp = halves[1 - fold]
+        val = set(tn[: len(tn) // 5] + tp[: len(tp) // 5])
+        rows += [(fold, "test" if s in test else "val" if s in val else "train", f"P{s}") for s in sorted(tiles)]
+    splits = Splits(pd.DataFrame(rows, columns=["fold", "split", "case_id"]), name="halves")
     encoder = truncated_resnet18(seed)
     pin, transform, extract, _ = make_inputs(tiles, labels, encoder, splits, ev.model_copy(update={"seed": seed}))
     precision = []
@@ -355,17 +358,19 @@ def run_7_6(n_slides: int, n_tiles: int, size: int, contrast: float, k: int, see
                                  transform)
     finally:
         topk.select_bags = real
-    return res.stage1.per_fold[0]["macro_auc"], res.per_fold[0]["macro_auc"], float(np.mean(precision))
+    mean = lambda r: float(np.mean([f["macro_auc"] for f in r.per_fold]))  # noqa: E731
+    return mean(res.stage1), mean(res), float(np.mean(precision))
 
 
 def test_topk_finetuning_beats_frozen_features_small():
-    """A seeded, CPU-sized 7.6: fewer and smaller slides, one seed; the slow test below is the spec's size."""
-    opts = TopKFinetune.Options(finetune_epochs=4, finetune_lr=3e-4, finetune_batch_size=4)
-    ev = EvalOptions(epochs=20, lr=1e-3, batch_size=8, bootstrap=0, device="cpu", min_test_per_class=1)
-    auc1, auc2, precision = run_7_6(n_slides=60, n_tiles=24, size=32, contrast=40.0, k=8, seed=0, opts=opts, ev=ev)
-    assert precision > 4 / 24
-    assert 0.55 <= auc1 <= 0.85
-    assert auc2 >= auc1 + 0.05
+    """A seeded, CPU-sized 7.6 (the slow test below is the spec's size): 100 slides (50/50) x 16 tiles of
+    3x32x32, 4 motif tiles per positive slide, k = 4, two folds (each half of the cohort tests once)."""
+    opts = TopKFinetune.Options(finetune_epochs=8, finetune_lr=1e-3, finetune_batch_size=4)
+    ev = EvalOptions(epochs=60, lr=1e-3, batch_size=8, bootstrap=0, device="cpu", min_test_per_class=1)
+    auc1, auc2, precision = run_7_6(n_slides=100, n_tiles=16, size=32, contrast=55.0, k=4, seed=0, opts=opts, ev=ev)
+    assert precision > 4 / 16  # stage-1 attention finds the motif tiles more often than chance
+    assert 0.6 <= auc1 <= 0.8  # frozen random features: weakly informative (measured 0.78)
+    assert auc2 >= auc1 + 0.05  # top-k fine-tuning learns the motif (measured 0.93)
 
 
 @pytest.mark.slow
@@ -380,4 +385,45 @@ def test_topk_finetuning_beats_frozen_features_7_6():
     auc2 = [r[1] for r in runs]
     assert all(r[2] > 4 / 48 for r in runs)
     assert 0.6 <= float(np.median(auc1)) <= 0.8
-    assert float(np.median(np.array(auc2) - np.array(auc1))) >= 0.05 or np.median(auc2) >= np.median(auc1) + 0.05
+    assert float(np.median(auc2)) >= float(np.median(auc1)) + 0.05
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def test_cli_run_puts_a_topk_row_on_the_leaderboard_with_fold_weights(tmp_path):
+    import mlflow
+    from typer.testing import CliRunner
+
+    from histobench.cli.app import build_app
+    from histobench.leaderboard import build_leaderboard
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = ["run", "--pretext", "none", "--task", "tcga-nsclc", "--demo", "--workdir", str(tmp_path / "work"),
+              "--tracking-uri", uri, "-o", "task.demo_patients=12", "-o", "task.demo_slide_px=1536", "-o", "task.folds=3",
+              "-o", "eval.epochs=4", "-o", "eval.bootstrap=50"]
+    runner = CliRunner()
+    frozen = runner.invoke(build_app(), common, env={"COLUMNS": "200"})
+    assert frozen.exit_code == 0, frozen.output
+    tuned = runner.invoke(build_app(), [*common, "--protocol", "topk-finetune", "-o", "eval.top_k=4",
+                                        "-o", "eval.finetune_epochs=1"], env={"COLUMNS": "200"})
+    assert tuned.exit_code == 0, tuned.output
+    assert "kept fine-tuning epoch 1/1" in tuned.output and "extract timm:topk-finetune-fold0-seed0" in tuned.output
+
+    client = mlflow.tracking.MlflowClient(uri)
+    exp = client.get_experiment_by_name("tcga-nsclc")
+    runs = {r.data.tags["histobench.protocol"]: r for r in client.search_runs([exp.experiment_id])
+            if r.data.tags.get("histobench.stage") == "run"}
+    assert set(runs) == {"frozen-mil", "topk-finetune"}
+    r = runs["topk-finetune"]
+    assert r.data.params["protocol.top_k"] == "4" and r.data.params["protocol.finetune_lr"] == "0.0001"  # demo preset
+    m = r.data.metrics
+    assert m["topk/leak_audit/passed"] == 1.0 and m["topk/leak_audit/test_slides_selected"] == 0
+    assert m["topk/bags_selected"] > 0 and m["topk/bags_smaller_than_k"] == 0
+    assert 0 <= m["macro_auc_fold_mean"] <= 1 and "topk/stage1_macro_auc" in m
+    assert r.data.tags["histobench.split_hash"] == runs["frozen-mil"].data.tags["histobench.split_hash"]
+    for fold in range(3):
+        names = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(r.info.run_id, f"protocol/fold{fold}")}
+        assert names == {"encoder.pt", "aggregator.pt", "finetune.json"}
+    board = build_leaderboard("tcga-nsclc", uri)
+    assert list(board["protocol"]) == ["frozen-mil", "topk-finetune"]  # shown apart, frozen-mil's group first

@@ -239,10 +239,10 @@ def finetune(encoder: "nn.Module", head: "nn.Module", train_tiles: Sequence[np.n
     optimizer = torch.optim.Adam(params, lr=o.finetune_lr)
     weight = torch.from_numpy(class_weights(np.asarray(train_y), n_classes, class_weighting)).to(dev)
     loss_fn = _cross_entropy(weight)
-    train_t = [torch.from_numpy(np.ascontiguousarray(t)) for t in train_tiles]
-    val_t = [torch.from_numpy(np.ascontiguousarray(t)) for t in val_tiles]
+    train_t = [torch.from_numpy(np.array(t)) for t in train_tiles]  # copies: the cache is read-only
+    val_t = [torch.from_numpy(np.array(t)) for t in val_tiles]
     y_train = torch.as_tensor(np.array(train_y), dtype=torch.long)
-    y_val = np.asarray(val_y, dtype=np.int64)
+    y_val = np.array(val_y, dtype=np.int64)
     rng = np.random.default_rng(seed)
     bs = o.finetune_batch_size
     steps = math.ceil(len(train_t) / bs)
