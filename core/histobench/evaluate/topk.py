@@ -427,6 +427,7 @@ def evaluate_topk(inputs: "ProtocolInputs", options: "TopKFinetune.Options",
              "test_patients_in_training": 0}
     bags_total = bags_small = 0
     best_epochs: list[int] = []
+    kept: list[dict[str, float]] = []
     folds = sorted(int(f) for f in splits.table["fold"].unique())
     for done, k in enumerate(folds, start=1):
         test = fold_slides(m, splits, k, ("test",))
@@ -475,6 +476,7 @@ def evaluate_topk(inputs: "ProtocolInputs", options: "TopKFinetune.Options",
                 del tiles
             best_epochs.append(tuned.best_epoch)
             last = tuned.history[tuned.best_epoch - 1]
+            kept.append(last)
             reporter.info(f"fold {k}: kept fine-tuning epoch {tuned.best_epoch}/{o.finetune_epochs} "
                           f"(val accuracy {last['val_accuracy']:.3f}, loss {last['val_loss']:.3f}, AUC {last['val_auc']:.3f})")
             feats = extract(tuned.encoder, sorted(test_ids), f"topk-finetune-fold{k}-seed{rep}")
@@ -497,6 +499,8 @@ def evaluate_topk(inputs: "ProtocolInputs", options: "TopKFinetune.Options",
     metrics["topk/bags_smaller_than_k"] = float(bags_small)
     metrics["topk/bags_selected"] = float(bags_total)
     metrics["topk/best_epoch_mean"] = float(np.mean(best_epochs))
+    for key in ("val_accuracy", "val_loss", "val_auc"):  # of the kept epochs, mean over folds and seeds
+        metrics[f"topk/kept_{key}_mean"] = float(np.nanmean([h[key] for h in kept]))
     for key, value in audit.items():
         metrics[f"topk/leak_audit/{key}"] = float(value)
     metrics["topk/leak_audit/passed"] = 1.0
