@@ -491,3 +491,61 @@ def test_missing_descriptions_is_one_line_naming_task_and_option():
     assert "\n" not in str(err.value)
     assert HLSS(slides=3, patches=1).hierarchy_shape() == (3, 1)
     assert pre.descriptions_for("tcga-nsclc").task == "tcga-nsclc"
+
+
+# ------------------------------------------------------------------------------------------ interpretability
+
+
+def test_attribute_analysis_per_class(tmp_path):
+    import pandas as pd
+
+    from histobench.analyze import AnalysisInputs
+    from histobench.analyze.inputs import AnalysedEncoder
+    from histobench.components import TileRef
+    from histobench_hlss.analysis import HLSSAttributes, load_heads
+
+    pre, images, slide_index, cohort = make_pretext(tmp_path, steps=3)
+    train(pre, images, slide_index, cohort, steps=3)
+    ckpt = tmp_path / "pretrain" / "hlss-test"
+    ckpt.mkdir(parents=True)
+    torch.save({"step": 3, "pretext": pre.state_dict()}, ckpt / "checkpoint.pt")
+    torch.save(pre.encoder.state_dict(), ckpt / "encoder.pt")
+    _, _, _, slide_class, _ = synthetic_cohort()
+    slides_dir = tmp_path / "cohort" / "slides"
+    slides_dir.mkdir(parents=True)
+    names = ["LUAD", "LUSC", "OTHER"]
+    pd.DataFrame({"slide_id": list(cohort.slide_ids), "label": [names[c] for c in slide_class]}).to_csv(
+        tmp_path / "cohort" / "manifest.csv", index=False)
+    refs = [TileRef("HELDOUT-" + cohort.slide_ids[s], slides_dir / f"{cohort.slide_ids[s]}.tiff", 0, 0, 0, 64, 64, 1.0)
+            for s in slide_index]
+
+    class Enc:
+        name = "tiny"
+
+        def transform(self):
+            return InputTransform(size=SIZE)
+
+    pre.encoder.eval()
+    enc = AnalysedEncoder("hlss run", pre.encoder, Enc(), source=str(ckpt / "encoder.pt"))
+    out = tmp_path / "out"
+    out.mkdir()
+    inputs = AnalysisInputs([enc], images, refs, out, torch.device("cpu"))
+    result = HLSSAttributes().run(inputs)
+    table = pd.read_csv(out / "attributes_hlss_run.csv")
+    assert len(table) == 3 * 3 * 8 and set(table["class"]) == set(names)  # levels x classes x attributes
+    assert (out / "attributes_hlss_run.png").read_bytes()[:4] == b"\x89PNG"
+    heads, attr = load_heads(ckpt)
+    assert attr == pre.bank_names and attr["patch"][0] == "patch glands"  # file order (safe_dump sorted the keys)
+    torch.testing.assert_close(heads.heads["patch"].weight, pre.heads.heads["patch"].weight)
+    # a class's mean activation is the mean over its tiles of the heads' raw outputs
+    z = torch.nn.functional.normalize(inputs.embeddings(enc), dim=1)
+    with torch.no_grad():
+        want = heads.activations(z)["slide"][torch.from_numpy(slide_class[slide_index] == 1)].mean(0)
+    got = table[(table["level"] == "slide") & (table["class"] == "LUSC")]["mean_activation"].to_numpy()
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-6)
+    top = result.report["encoders"][0]["top_attributes"]
+    assert set(top) == set(LEVELS) and len(top["patch"]["LUAD"]) == 3
+    assert all(v >= 0 for v in result.metrics.values()) and len(result.metrics) == 3
+    with pytest.raises(HistobenchError, match="analysis.labels"):
+        HLSSAttributes().run(AnalysisInputs([enc], images, [TileRef("x", tmp_path / "none" / "x.tiff", 0, 0, 0, 64, 64, 1.0)]
+                                            * len(images), out, torch.device("cpu")))

@@ -25,3 +25,10 @@ def register_encoders(register):
     from histobench_hlss.encoder import ClipRN50
 
     register(ClipRN50)
+
+
+@hookimpl
+def register_analyses(register):
+    from histobench_hlss.analysis import HLSSAttributes
+
+    register(HLSSAttributes)

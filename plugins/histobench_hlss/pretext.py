@@ -92,7 +92,7 @@ class HLSS(Pretext):
                       "weight_decay": 0.01, "weight_decay_end": 0.01, "clip_grad": 0.0}
     train_presets = {"demo": {"epochs": 4, "batch_size": 4, "lr": 8e-3 * 8, "warmup_epochs": 0.4,
                               "num_workers": 0, "max_tiles_per_slide": 32}}
-    presets = {"demo": {"view_size": 64}}
+    presets = {"demo": {"view_size": 32}}  # demo tiles are 64 px; 32 px views keep the CPU demo short
 
     class Options(Pretext.Options):
         descriptions: str | None = Field(None, description="Task name or descriptions file for the text banks "
@@ -218,7 +218,11 @@ class HLSS(Pretext):
     # ------------------------------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        return {"encoder": self.encoder.state_dict(), "heads": self.heads.state_dict()}
+        # attribute names and the descriptions' hash travel with the heads (plain data), for the attribute analysis
+        return {"encoder": self.encoder.state_dict(), "heads": self.heads.state_dict(),
+                "bank_names": {lvl: list(v) for lvl, v in self.bank_names.items()},
+                "descriptions": {"task": self.descriptions_task, "sha256": self.descriptions_sha256},
+                "adapter": bool(self.adapter_used)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.encoder.load_state_dict(state["encoder"])
