@@ -44,6 +44,17 @@ def _children(task: str, tracking_uri: str | None) -> dict[str, dict[str, dict[s
     return out
 
 
+def _encoder_label(params: dict[str, str]) -> str:
+    """The encoder's name; for a cut network (``encoder.truncate_at``) also its architecture and cut point, and
+    for an encoder of several named models (``encoder.model``) the model."""
+    name = params.get("encoder.name", "?")
+    cut = params.get("encoder.truncate_at")
+    cut = None if cut in (None, "", "None") else cut
+    model = params.get("encoder.model") or (params.get("encoder.arch") if cut else None)
+    detail = " ".join(([model] if model else []) + ([f"@{cut}"] if cut else []))
+    return f"{name} ({detail})" if detail else name
+
+
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "" if value is None or value != value else f"{value:.{digits}f}"
 
@@ -116,7 +127,7 @@ def build_leaderboard(task: str, tracking_uri: str | None = None, include_demo: 
         row: dict[str, Any] = {
             "protocol": t.get("histobench.protocol") or DEFAULT_PROTOCOL,
             "pretext": pretext,
-            "encoder": p.get("encoder.name", "?"),
+            "encoder": _encoder_label(p),
             "aggregator": p.get("aggregator.name", "?"),
             "seed": p.get("run.seed", ""),
             "demo": demo,
