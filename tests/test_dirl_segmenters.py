@@ -151,8 +151,10 @@ def test_no_nuclei_is_a_zero_not_an_error():
     pink = np.zeros((128, 128, 3), np.uint8) + np.array([235, 160, 200], np.uint8)  # eosin only
     noisy = np.clip(pink + np.random.default_rng(0).normal(0, 4, pink.shape), 0, 255).astype(np.uint8)
     assert seg.segment(noisy)[0].max() == 0
-    for method in ("percentile", "fixed"):
-        assert create("segmenter", "hed-watershed", {"threshold": method}).segment(white)[0].max() == 0
+    purple = np.zeros((128, 128, 3), np.uint8) + np.array([60, 30, 110], np.uint8)  # flat, dark haematoxylin
+    for method in ("otsu", "percentile", "fixed"):
+        seg = create("segmenter", "hed-watershed", {"threshold": method})
+        assert seg.segment(white)[0].max() == 0 and seg.segment(purple)[0].max() == 0
 
 
 def test_cli_segment_demo_with_hed_watershed(tmp_path):

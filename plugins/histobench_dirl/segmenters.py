@@ -110,8 +110,10 @@ class HEDWatershedSegmenter(Segmenter):
         hem = rgb2hed(img[..., :3])[..., 0]
         if o.smooth_um > 0:
             hem = gaussian(hem, sigma=o.smooth_um / mpp, preserve_range=True)
+        if float(hem.max() - hem.min()) <= 1e-6:  # a flat tile (glass, a uniform colour) has no nuclei
+            return np.zeros(img.shape[:2], np.uint16), None
         if o.threshold == "otsu":
-            thr = threshold_otsu(hem) if float(hem.max() - hem.min()) > 1e-6 else np.inf
+            thr = threshold_otsu(hem)
         elif o.threshold == "percentile":
             thr = float(np.percentile(hem, o.percentile))
         else:
