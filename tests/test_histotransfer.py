@@ -154,6 +154,14 @@ def test_pool_or_act_without_a_cut_is_an_error():
         TimmEncoder(arch="resnet18", truncate_at="layer2", pool="token").build()
 
 
+@pytest.mark.parametrize("options", [{"arch": "resnet18", "truncate_at": "layer2", "model_kwargs": {}},
+                                     {"truncate_at": "block:2", "pool": "avg"}])
+def test_cut_encoders_pass_the_encoder_contract(options):
+    from histobench.testing import check_encoder
+
+    check_encoder("timm", options)  # the demo preset + a cut: forward, gradients, tokens, grid, [CLS] attention
+
+
 def test_untruncated_timm_encoder_is_unchanged():
     torch.manual_seed(0)
     module = TimmEncoder(arch="resnet18").build()
