@@ -272,7 +272,7 @@ def test_check6_losses_decrease_over_30_steps(trained):
         first = np.mean([h[key] for h in history[:5]])
         last = np.mean([h[key] for h in history[-5:]])
         assert last < (1 - drop) * first, (key, first, last)
-    assert all(h["adapter"] == 1.0 for h in history)  # hashing text: the adapter deviation is logged
+    assert all(h["deviation_adapter"] == 1.0 for h in history)  # hashing text: the adapter deviation is logged
 
 
 # ------------------------------------------------------------------------------------------ check 7
@@ -549,3 +549,35 @@ def test_attribute_analysis_per_class(tmp_path):
     with pytest.raises(HistobenchError, match="analysis.labels"):
         HLSSAttributes().run(AnalysisInputs([enc], images, [TileRef("x", tmp_path / "none" / "x.tiff", 0, 0, 0, 64, 64, 1.0)]
                                             * len(images), out, torch.device("cpu")))
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def test_run_hlss_demo_with_knn_protocol_end_to_end(tmp_path):
+    """``histobench run --pretext hlss --task tcga-nsclc --demo --protocol knn-hierarchical``, cut small: the
+    pretraining sees whole patients, the run records the adapter deviation, the row is ranked under its protocol."""
+    import mlflow
+    from typer.testing import CliRunner
+
+    from histobench.cli.app import build_app
+    from histobench.leaderboard import build_leaderboard
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = CliRunner().invoke(build_app(), [
+        "run", "--pretext", "hlss", "--task", "tcga-nsclc", "--demo", "--protocol", "knn-hierarchical",
+        "--workdir", str(tmp_path / "work"), "--tracking-uri", uri, "-o", "task.demo_patients=12",
+        "-o", "task.demo_slide_px=1536", "-o", "task.folds=3", "-o", "eval.bootstrap=50", "-o", "eval.k=20",
+        "-o", "train.epochs=1", "-o", "train.max_tiles_per_slide=8"], env={"COLUMNS": "240"})
+    assert result.exit_code == 0, result.output
+    client = mlflow.tracking.MlflowClient(uri)
+    exp = client.get_experiment_by_name("tcga-nsclc")
+    runs = client.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("histobench.stage") == "run")
+    pre = next(r for r in runs if r.data.tags.get("histobench.stage") == "pretrain")
+    assert parent.data.tags["histobench.protocol"] == "knn-hierarchical"
+    assert pre.data.metrics["train/deviation_adapter"] == 1.0  # hashing text: the adapter, recorded
+    assert pre.data.metrics["pretrain/steps"] == 3  # 12 patients, 4 per step, one epoch
+    assert 0.0 <= parent.data.metrics["patient_accuracy_fold_mean"] <= 1.0
+    board = build_leaderboard("tcga-nsclc", uri)
+    assert list(board["protocol"]) == ["knn-hierarchical"] and len(board) == 1

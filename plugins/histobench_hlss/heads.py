@@ -10,7 +10,7 @@ When the text encoder does not share the image encoder's space (MiniLM, ``hashin
 text model), a trainable ``Linear(d_v -> d_t)`` adapter (xavier-uniform weight, zero bias) maps the backbone's
 embedding into the text space first, and its output is L2-normalised [ours: so that heads and alignment see unit
 vectors, as they do with CLIP]. The paper relies on CLIP's joint space and has no adapter: the pretext records
-this deviation in the run (``adapter`` in its logged values and the ``hlss.deviation`` note).
+this deviation in the run (``train/deviation_adapter`` = 1 in its logged values, and a warning at setup).
 """
 
 from __future__ import annotations

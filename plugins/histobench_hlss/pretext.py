@@ -212,7 +212,7 @@ class HLSS(Pretext):
                         tau=o.tau, base_tau=o.base_tau,
                         lambdas={"patch": o.lambda_patch, "slide": o.lambda_slide, "patient": o.lambda_patient},
                         ha_weight=o.ha_weight, ha_gradient=o.ha_gradient)
-        out["adapter"] = 1.0 if self.adapter_used else 0.0  # logged: 1 = the deviation from the paper is in effect
+        out["deviation_adapter"] = 1.0 if self.adapter_used else 0.0  # logged (train/deviation_adapter): 1 = the adapter, not in the paper
         return out
 
     # ------------------------------------------------------------------------------------------ state
