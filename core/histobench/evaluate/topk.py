@@ -239,8 +239,8 @@ def finetune(encoder: "nn.Module", head: "nn.Module", train_tiles: Sequence[np.n
     optimizer = torch.optim.Adam(params, lr=o.finetune_lr)
     weight = torch.from_numpy(class_weights(np.asarray(train_y), n_classes, class_weighting)).to(dev)
     loss_fn = _cross_entropy(weight)
-    train_t = [torch.from_numpy(np.array(t)) for t in train_tiles]  # copies: the cache is read-only
-    val_t = [torch.from_numpy(np.array(t)) for t in val_tiles]
+    # bags stay where the source put them (a memory-mapped cache for slides); a batch is copied in when used
+    train_t, val_t = list(train_tiles), list(val_tiles)
     y_train = torch.as_tensor(np.array(train_y), dtype=torch.long)
     y_val = np.array(val_y, dtype=np.int64)
     rng = np.random.default_rng(seed)
@@ -258,7 +258,7 @@ def finetune(encoder: "nn.Module", head: "nn.Module", train_tiles: Sequence[np.n
                 total = 0.0
                 for b in range(steps):
                     idx = order[b * bs:(b + 1) * bs]
-                    total += finetune_step(enc, hd, optimizer, [train_t[i] for i in idx], y_train[idx], loss_fn,
+                    total += finetune_step(enc, hd, optimizer, _tensors(train_t, idx), y_train[idx], loss_fn,
                                            transform, dev) * len(idx)
                     st.advance()
                 logits = score_bags(enc, hd, val_t, transform, dev, batch=bs)
@@ -290,11 +290,18 @@ def _better(row: dict[str, float], best_key: float, select_by: str) -> bool:
     return not math.isfinite(best_key) or key >= best_key
 
 
+def _tensors(bags: Sequence[np.ndarray], idx) -> list["torch.Tensor"]:
+    """Writable CPU tensors of the chosen bags (copies: a memory-mapped cache is read-only)."""
+    import torch
+
+    return [torch.from_numpy(np.array(bags[int(i)])) for i in idx]
+
+
 def _cpu_state(module: "nn.Module") -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
-def score_bags(encoder: "nn.Module", head: "nn.Module", bags: Sequence["torch.Tensor"], transform: "InputTransform",
+def score_bags(encoder: "nn.Module", head: "nn.Module", bags: Sequence[np.ndarray], transform: "InputTransform",
                device: "torch.device", batch: int = 1) -> "torch.Tensor":
     """Slide logits (CPU, float) of uint8 top-k bags in eval mode, without gradients; modes restored after."""
     import torch
@@ -304,8 +311,8 @@ def score_bags(encoder: "nn.Module", head: "nn.Module", bags: Sequence["torch.Te
     head.eval()
     try:
         with torch.inference_mode():
-            outs = [bag_logits(encoder, head, bags[i:i + batch], transform, device).float().cpu()
-                    for i in range(0, len(bags), batch)]
+            outs = [bag_logits(encoder, head, _tensors(bags, range(i, min(i + batch, len(bags)))), transform,
+                               device).float().cpu() for i in range(0, len(bags), batch)]
     finally:
         for m, was in modes:
             m.training = was
