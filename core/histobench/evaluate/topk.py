@@ -407,7 +407,6 @@ def evaluate_topk(inputs: "ProtocolInputs", options: "TopKFinetune.Options",
     ``source(folder)`` gives the fold's :class:`TileSource`; ``extract(module, slide_ids, tag)`` encodes every
     tile of the named slides with ``module``. ``inputs.slides`` is not read here.
     """
-    import pandas as pd
     import torch
 
     from histobench.evaluate.protocol import (build_result, check_splits, classification_frame, fold_slides,
