@@ -255,7 +255,7 @@ def test_4_a_group_missing_from_one_view_adds_no_term_and_no_nan():
     s = [pool_groups(x, a) for x, a in zip(toks, empty)]
     before = dense.center.clone()
     loss, stats = dense([z for z, _ in s], [z.detach() for z, _ in s], [m for _, m in s], h, h, 0.04)
-    assert stats["valid_terms"] == 0 and float(loss) == 0.0 and torch.equal(dense.center, before)
+    assert stats["valid_terms"] == 0 and float(loss.detach()) == 0.0 and torch.equal(dense.center, before)
 
 
 def test_4_valid_groups_per_pair_on_oracle_data_lie_between_2_and_k(trained):
@@ -392,7 +392,8 @@ def attention_metrics(encoder, oracle):
 
 @pytest.mark.xfail(strict=True, reason=(
     "spec check 7 direction not shown on this CPU budget (one seed, 10 epochs of 52 tiles, 69 tiles scored "
-    "instead of >= 200 held-out over seeds 0-2); the numbers are printed and in the plugin README"))
+    "instead of >= 200 held-out over seeds 0-2): both encoders' [CLS] attention is still uniform (E 1.000 vs "
+    "1.000, F(0.6) 0.606 vs 0.606); the numbers are printed and in the plugin README"))
 def test_7_dirl_attention_is_less_sparse_than_dinos(oracle, trained):
     from histobench.analyses.attention_metrics import paired_wilcoxon
 
