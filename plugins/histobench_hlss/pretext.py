@@ -140,7 +140,6 @@ class HLSS(Pretext):
     def setup(self, encoder: "nn.Module", ctx: PretrainContext) -> None:
         import torch
 
-        from histobench.pretrain.samplers import PatientSampler  # noqa: F401  (the sampler this pretext relies on)
         from histobench_hlss.heads import TextHeads
         from histobench_hlss.textbank import text_banks
 
