@@ -304,11 +304,13 @@ def test_per_slide_auc_matches_a_reference_and_tile_weighting_differs():
 
 def motif_cohort(n_slides: int, n_tiles: int, size: int, contrast: float, seed: int, n_signal: int = 4):
     """Textured background tiles with per-tile colour/brightness jitter; positive slides hold ``n_signal`` tiles
-    with a small low-contrast ring motif at a random place."""
+    with a small low-contrast ring motif at a random place (12 px across on 32 px tiles, scaled with the tile)."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    r = np.hypot(yy - 6, xx - 6)
-    ring = ((r > 2.5) & (r < 5.0)).astype(np.float32)  # 12 x 12 ring stamp at the corner, moved per tile
+    f = size / 32
+    r = np.hypot(yy - 6 * f, xx - 6 * f)
+    ring = ((r > 2.5 * f) & (r < 5.0 * f)).astype(np.float32)  # ring stamp at the corner, moved per tile
+    span = int(round(12 * f))
     tiles, labels, signal = {}, {}, {}
     for i in range(n_slides):
         y = int(i % 2)
@@ -319,7 +321,7 @@ def motif_cohort(n_slides: int, n_tiles: int, size: int, contrast: float, seed: 
         base *= rng.uniform(0.85, 1.15, (n_tiles, 1, 1, 1))  # per-tile brightness
         hits = rng.choice(n_tiles, n_signal, replace=False) if y else np.zeros(0, int)
         for t in hits:
-            dy, dx = rng.integers(0, size - 12, 2)
+            dy, dx = rng.integers(0, size - span, 2)
             stamp = np.roll(np.roll(ring, dy, 0), dx, 1)
             base[t] += contrast * stamp[None] * np.array([-1.0, -1.0, 0.6])[:, None, None]
         sid = f"S{i:03d}"
