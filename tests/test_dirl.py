@@ -451,10 +451,13 @@ def test_9_cache_hits_and_invalidates_exactly_what_changed(oracle):
 
     # an edited grouping file is refused with one line naming it
     path = G.model_path(root, ids, 3, 200_000, 0, 0.02)
-    path.write_text(path.read_text().replace('"C": 3', '"C": 3 '))
+    original = path.read_text()
+    path.write_text(original.replace('"C": 3', '"C": 3 '))
     with pytest.raises(HistobenchError) as err:
         G.make_grouping("morphology", root, ids, n_clusters=3)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
+    path.write_text(original)  # the shared cache is used again by later tests
+    assert G.make_grouping("morphology", root, ids, n_clusters=3).identity() == g3.identity()
 
 
 def test_9_morphology_clusters_are_ordered_and_refit_when_one_is_tiny():
@@ -475,6 +478,16 @@ def test_9_morphology_clusters_are_ordered_and_refit_when_one_is_tiny():
     x3 = np.concatenate([big, small, third])
     m3 = G.fit_morphology({f: x3[:, i] for i, f in enumerate(G.FEATURES)}, 3)
     assert not m3.refit and m3.n_clusters == 3
+
+
+def test_9_morphology_grouping_trains_through_the_loop_from_the_segmentation_cache(oracle):
+    """G1 on the oracle's instances (types ignored): fitted from the cache's nucleus table, looked up per batch."""
+    res, pre = train("dirl", oracle, {"grouping": "morphology"}, epochs=1)
+    assert pre.grouping.mode == "morphology" and pre.n_groups == pre.grouping.model.n_clusters + 1 >= 3
+    assert pre.lookup is not None and pre.lookup.lut.shape[0] == len(oracle["data"])
+    assert all(math.isfinite(h["loss"]) for h in res.history)
+    assert max(h["valid_terms"] for h in res.history) > 0
+    assert G.model_path(oracle["seg"].root, oracle["slide_ids"], 3, 200_000, 0, 0.02).exists()
 
 
 # ----------------------------------------------------------------------------------- 10. downstream
