@@ -100,7 +100,11 @@ def segmentation_speed(a) -> dict:
         manifest = task.demo_cohort(tmp / "demo", seed=0).head(a.seg_slides)
         slides = tile_cohort(manifest, task, tmp / "work", Reporter())
         for name in ("oracle", "hed-watershed"):
-            res = segment_cohort(create("segmenter", name), slides, tmp / f"seg-{name}", Reporter(), workers=0)
+            try:
+                res = segment_cohort(create("segmenter", name), slides, tmp / f"seg-{name}", Reporter(), workers=0)
+            except Exception as err:  # noqa: BLE001 - e.g. scikit-image missing on a bare GPU machine: say so, go on
+                out[name] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
+                continue
             out[name] = {"tiles": res.segmented, "tiles_per_second": res.tiles_per_second,
                          "nuclei_per_tile": res.nuclei_per_tile, "failed": res.failed}
         out["tile_px"], out["tile_mpp"] = geometry["tile_size"], geometry["mpp"]
