@@ -444,13 +444,13 @@ def test_check11_gathered_loss_equals_concatenated_batch():
 
 
 GATHER = textwrap.dedent('''
-    import os, sys
+    import sys
     import torch
     import torch.distributed as dist
 
-    rank, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    rank, out = int(sys.argv[1]), sys.argv[2]
+    # a file store: no TCP port to race for with other tests on the machine
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=2)
     from histobench_hlss.loss import gather_with_grad
     full = torch.arange(12.0).reshape(6, 2)
     mine = full[rank * 3:(rank + 1) * 3].clone().requires_grad_(True)
@@ -462,15 +462,10 @@ GATHER = textwrap.dedent('''
 
 
 def test_check11_two_gloo_ranks_gather_in_rank_order_with_gradients(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     script = tmp_path / "gather.py"
     script.write_text(GATHER)
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(port), str(tmp_path)], stderr=subprocess.PIPE,
-                              text=True) for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp_path)], stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
     errors = [p.communicate(timeout=300)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), [e[-2000:] for e in errors]
     weights = torch.arange(12.0).reshape(6, 2)
