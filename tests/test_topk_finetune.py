@@ -379,10 +379,12 @@ def test_topk_finetuning_beats_frozen_features_small():
 @pytest.mark.skipif(not os.environ.get("HISTOBENCH_SLOW"), reason="statistical check at the spec's size: HISTOBENCH_SLOW=1")
 def test_topk_finetuning_beats_frozen_features_7_6():
     """The spec's 7.6: 200 slides (50/50) x 48 tiles of 3x64x64, 4 motif tiles per positive slide, ResNet18
-    (layer2), k = 16; median over 3 seeds of held-out AUC after stage 2 >= stage 1 + 0.05."""
+    (layer2), k = 16; median over 3 seeds of held-out AUC after stage 2 >= stage 1 + 0.05. Measured (seeds 0-2):
+    stage 1 0.622 / 0.720 / 0.606, stage 2 0.880 / 0.968 / 0.882, signal precision 0.118 / 0.153 / 0.166; about
+    3 minutes per seed on one core."""
     opts = TopKFinetune.Options(finetune_epochs=4, finetune_lr=1e-3, finetune_batch_size=4)
     ev = EvalOptions(epochs=60, lr=1e-3, batch_size=8, bootstrap=0, device="cpu", min_test_per_class=1)
-    runs = [run_7_6(n_slides=200, n_tiles=48, size=64, contrast=70.0, k=16, seed=s, opts=opts, ev=ev) for s in range(3)]
+    runs = [run_7_6(n_slides=200, n_tiles=48, size=64, contrast=62.0, k=16, seed=s, opts=opts, ev=ev) for s in range(3)]
     auc1 = [r[0] for r in runs]
     auc2 = [r[1] for r in runs]
     assert all(r[2] > 4 / 48 for r in runs)
