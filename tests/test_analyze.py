@@ -171,7 +171,7 @@ def demo_run(work):
     """A finished `histobench run --pretext none` on the demo (small settings), in the module's store."""
     workdir, uri = work
     args = ["run", "--pretext", "none", "--task", "tcga-nsclc", "--demo", "--workdir", str(workdir), "--tracking-uri", uri,
-            "-o", "task.demo_patients=4", "-o", "task.demo_slide_px=1024", "-o", "task.folds=2", "-o", "eval.epochs=2",
+            "-o", "task.demo_patients=4", "-o", "task.demo_slide_px=1024", "-o", "task.folds=2", "-o", "eval.epochs=2", "-o", "eval.min_test_per_class=0",
             "--seed", "3"]
     result = runner.invoke(build_app(), args, env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
