@@ -271,7 +271,7 @@ def test_histobench_run_under_torchrun(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "histobench",
          "run", "--pretext", "dino", "--task", "tcga-nsclc", "--demo", "--workdir", str(tmp_path / "work"),
-         "--tracking-uri", uri, "-o", "task.demo_patients=6", "-o", "task.demo_slide_px=1024", "-o", "task.folds=2",
+         "--tracking-uri", uri, "-o", "task.demo_patients=6", "-o", "task.demo_slide_px=1024", "-o", "task.folds=2", "-o", "eval.min_test_per_class=0",
          "-o", "train.epochs=1", "-o", "train.batch_size=16", "-o", "eval.epochs=2"],
         capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
     )

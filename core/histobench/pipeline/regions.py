@@ -110,8 +110,8 @@ def region_features(spec: RunSpec, comps: Components, encoder, regions, grids: d
                      "slide_fingerprint": r.tiles.source}
             path = out / f"{r.slide_id}.h5"
             if not is_complete(path, attrs):
-                g = torch.as_tensor(grids[r.slide_id])
-                f = torch.cat([encoder(g[i:i + 256].to(dev)).float().cpu() for i in range(0, len(g), 256)])
+                x = torch.as_tensor(grids[r.slide_id])
+                f = torch.cat([encoder(x[i:i + 256].to(dev)).float().cpu() for i in range(0, len(x), 256)])
                 write_features(path, f.numpy(), r.tiles.coords, {**attrs, "histobench_version": __version__,
                                                                  "slide_id": r.slide_id})
             st.advance()
