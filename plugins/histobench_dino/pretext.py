@@ -67,10 +67,9 @@ class DINO(Pretext):
     # ------------------------------------------------------------------------------------------ setup
 
     def setup(self, encoder: "nn.Module", ctx: PretrainContext) -> None:
-        import numpy as np
-
         from histobench.ssl.dino import build_student_teacher
         from histobench.ssl.losses import DINOLoss
+        from histobench.ssl.steps import teacher_temp_schedule
         from histobench.ssl.teacher import set_drop_path
         from histobench_dino.views import DINOViews
 
@@ -84,11 +83,9 @@ class DINO(Pretext):
         t = ctx.encoder_component.transform()
         self.views = DINOViews(o, t.mean, t.std)
 
-        total = max(int(ctx.total_steps), 1)
-        warm = min(int(round(o.warmup_teacher_temp_epochs * ctx.steps_per_epoch)), total)
-        self.teacher_temp_schedule = np.concatenate(
-            [np.linspace(o.warmup_teacher_temp, o.teacher_temp, warm), np.full(total - warm, o.teacher_temp)]
-        )
+        self.teacher_temp_schedule = teacher_temp_schedule(o.warmup_teacher_temp, o.teacher_temp,
+                                                           o.warmup_teacher_temp_epochs, ctx.steps_per_epoch,
+                                                           ctx.total_steps)
         self.freeze_last_layer_steps = int(round(o.freeze_last_layer_epochs * ctx.steps_per_epoch))
 
     def student_modules(self) -> dict[str, "nn.Module"]:

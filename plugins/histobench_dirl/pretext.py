@@ -108,11 +108,10 @@ class DiRL(Pretext):
     # ------------------------------------------------------------------------------------------ setup
 
     def setup(self, encoder: "nn.Module", ctx: PretrainContext) -> None:
-        import numpy as np
-
         from histobench.ssl.dino import build_student_teacher
         from histobench.ssl.heads import DINOProjectionHead
         from histobench.ssl.losses import DINOLoss
+        from histobench.ssl.steps import teacher_temp_schedule
         from histobench.ssl.teacher import make_teacher, set_drop_path
         from histobench_dirl.grouping import make_grouping
         from histobench_dirl.loss import DenseLoss
@@ -138,11 +137,9 @@ class DiRL(Pretext):
         t = ctx.encoder_component.transform()
         self.views = DiRLViews(o, t.mean, t.std)
 
-        total = max(int(ctx.total_steps), 1)
-        warm = min(int(round(o.warmup_teacher_temp_epochs * ctx.steps_per_epoch)), total)
-        self.teacher_temp_schedule = np.concatenate(
-            [np.linspace(o.warmup_teacher_temp, o.teacher_temp, warm), np.full(total - warm, o.teacher_temp)]
-        )
+        self.teacher_temp_schedule = teacher_temp_schedule(o.warmup_teacher_temp, o.teacher_temp,
+                                                           o.warmup_teacher_temp_epochs, ctx.steps_per_epoch,
+                                                           ctx.total_steps)
         self.freeze_last_layer_steps = int(round(o.freeze_last_layer_epochs * ctx.steps_per_epoch))
         slide_ids = tuple(ctx.cohort.slide_ids) if ctx.cohort is not None else ()
         self.grouping = make_grouping(o.grouping, ctx.segmentation.get("root"), slide_ids, o.types, o.clusters,

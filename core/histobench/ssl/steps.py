@@ -31,3 +31,14 @@ def step_generator(seed: int, step: int, rank: int = 0, device: "torch.device | 
 def value_at(schedule: Sequence[float], step: int) -> float:
     """``schedule[step]`` as a float, with ``step`` clamped into the schedule (past the end: its last value)."""
     return float(schedule[min(max(int(step), 0), len(schedule) - 1)])
+
+
+def teacher_temp_schedule(warmup_temp: float, temp: float, warmup_epochs: float, steps_per_epoch: int,
+                          total_steps: int):
+    """DINO's teacher temperature per step: linear from ``warmup_temp`` to ``temp`` over ``warmup_epochs``, then
+    constant (numpy array of ``max(total_steps, 1)`` values)."""
+    import numpy as np
+
+    total = max(int(total_steps), 1)
+    warm = min(int(round(warmup_epochs * steps_per_epoch)), total)
+    return np.concatenate([np.linspace(warmup_temp, temp, warm), np.full(total - warm, temp)])
