@@ -76,9 +76,8 @@ class AttentionAnalysis(Analysis):
 
     def run(self, inputs: "AnalysisInputs"):
         from histobench.analyze import AnalysisResult
-        from histobench.reporting import Reporter
 
-        reporter = getattr(inputs, "reporter", None) or Reporter()
+        reporter = inputs.reporter  # progress bars with throughput for the per-tile loops (silent in tests)
         for enc in inputs.encoders:
             if not callable(getattr(enc.module, "cls_attention", None)):
                 raise HistobenchError(f"encoder {enc.label} ({enc.name}) has no [CLS] attention (cls_attention): "
@@ -144,14 +143,16 @@ class AttentionAnalysis(Analysis):
         tiles = inputs.tiles[idx].permute(0, 2, 3, 1).numpy()
         labels = [f"{inputs.tile_refs[i].slide_id}\n({inputs.tile_refs[i].x}, {inputs.tile_refs[i].y})" for i in idx]
         files, used = [], set()
-        for label, (att, grid) in attention.items():
-            stem = _FILE_UNSAFE.sub("_", label).strip("_") or "encoder"
-            while stem in used:
-                stem += "_"
-            used.add(stem)
-            files.append(overlay_grid(tiles, att[idx], grid, inputs.out_dir / f"attention_overlay_{stem}.png",
-                                      title=f"{label}: last-block [CLS] attention, top {OVERLAY_MASS:.0%} of the mass",
-                                      p=OVERLAY_MASS, row_labels=labels))
+        with inputs.reporter.stage("attention overlays", total=len(attention), unit="encoders") as st:
+            for label, (att, grid) in attention.items():
+                stem = _FILE_UNSAFE.sub("_", label).strip("_") or "encoder"
+                while stem in used:
+                    stem += "_"
+                used.add(stem)
+                files.append(overlay_grid(tiles, att[idx], grid, inputs.out_dir / f"attention_overlay_{stem}.png",
+                                          title=f"{label}: last-block [CLS] attention, top {OVERLAY_MASS:.0%} of the mass",
+                                          p=OVERLAY_MASS, row_labels=labels))
+                st.advance()
         return files
 
 

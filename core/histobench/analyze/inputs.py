@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from histobench.components import Encoder, TileRef
+from histobench.reporting import Reporter
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -49,7 +50,9 @@ class AnalysisInputs:
 
     ``tiles`` is a uint8 tensor ``[N, 3, S, S]`` at the task's µm/px and tile size; ``tile_refs[i]`` says
     where tile ``i`` lies (slide id and path, level-0 ``x, y``, read geometry), so that an analysis can look
-    up per-tile side information (e.g. nuclei masks). ``tile_hash`` identifies the tile set.
+    up per-tile side information (e.g. nuclei masks). ``tile_hash`` identifies the tile set. ``reporter``
+    draws the analysis's own progress bars (``with inputs.reporter.stage(...)``); it is silent when the analysis
+    is run without one.
     """
 
     encoders: list[AnalysedEncoder]
@@ -59,6 +62,7 @@ class AnalysisInputs:
     device: "torch.device"
     seed: int = 0
     tile_hash: str = ""
+    reporter: Reporter = field(default_factory=Reporter)
 
     def pixels(self, encoder: AnalysedEncoder, index: Any = None) -> "torch.Tensor":
         """Tiles (all, or ``tiles[index]``) as ``encoder`` takes them: float ``[n, 3, s, s]`` on the CPU,

@@ -113,10 +113,11 @@ def run_analysis(analysis: Analysis, encoders: list[AnalysedEncoder], tiles, til
                         "tiles": {"n": len(tiles), "size": int(tiles.shape[-1]), "seed": seed, "hash": tile_hash},
                         **(extra_params or {})})
         inputs = AnalysisInputs(encoders=encoders, tiles=tiles, tile_refs=list(tile_refs), out_dir=out_dir,
-                                device=device, seed=seed, tile_hash=tile_hash)
-        with reporter.stage(f"analysis {cls.name}: {len(encoders)} encoders × {len(tiles)} tiles", total=None,
-                            unit="encoders"):
-            raw = analysis.run(inputs)
+                                device=device, seed=seed, tile_hash=tile_hash, reporter=reporter)
+        # the analysis draws its own progress bars for its long loops (inputs.reporter); no bar around it, since
+        # a live bar here would sit on top of them
+        reporter.info(f"analysis {cls.name}: {len(encoders)} encoders × {len(tiles)} tiles")
+        raw = analysis.run(inputs)
         result, metrics = _checked(cls.name, raw, out_dir)
         report = {"analysis": cls.name, "options": analysis.options.model_dump(mode="json"), "task": task,
                   "tile_set": {"hash": tile_hash, "n": len(tiles), "seed": seed},

@@ -16,7 +16,8 @@ Which slides:
   supervised heads only.
 
 Tiles are drawn uniformly without replacement from all tissue tiles of those slides with ``numpy``'s
-``default_rng(seed)``, and kept in slide order.
+``default_rng(seed)``, and kept in slide order. Their :class:`TileRef` paths are absolute, so that an analysis
+started from another folder still finds the slides.
 """
 
 from __future__ import annotations
@@ -137,7 +138,10 @@ def held_out_tiles(task: Task, demo: bool, data_root: Path | None, workdir: Path
             continue
         t = s.tiles
         subset.append(SlideTiles(s.slide_id, s.path, replace(t, coords=t.coords[idx], tissue_fraction=t.tissue_fraction[idx]), s.mpp))
-        refs += [TileRef(s.slide_id, Path(s.path), int(x), int(y), int(t.level), int(t.read_size), int(t.tile_size),
+        # absolute: an analysis run from another folder (or a segmenter reading a slide's side files, as the
+        # oracle does) must still find the slide
+        where = Path(s.path).absolute()
+        refs += [TileRef(s.slide_id, where, int(x), int(y), int(t.level), int(t.read_size), int(t.tile_size),
                          float(t.mpp)) for x, y in t.coords[idx]]
     o = task.options
     key = _digest({"task": task.name, "mpp": o.mpp, "tile_size": o.tile_size, "min_tissue": o.min_tissue,
@@ -147,8 +151,10 @@ def held_out_tiles(task: Task, demo: bool, data_root: Path | None, workdir: Path
     if path.exists():
         try:
             tiles, cached_refs = _load(path)
-            if len(tiles) == n:
-                return torch.from_numpy(tiles), cached_refs, key
+            # the pixels come from the cache; where the tiles lie comes from this call's slides (the same tiles,
+            # by the key), so a cache written from another folder, with relative slide paths, still works
+            if len(tiles) == n and [(r.slide_id, r.x, r.y) for r in cached_refs] == [(r.slide_id, r.x, r.y) for r in refs]:
+                return torch.from_numpy(tiles), refs, key
         except (OSError, ValueError, KeyError):
             pass  # unreadable cache: read the tiles again
     dataset = SlideTileDataset(subset, decode="jpeg")
