@@ -268,7 +268,8 @@ def test_cohort_check_cli_goes_on_and_records_everything(bad_slides, tmp_path):
     pd.DataFrame(rows, columns=["slide_id", "case_id", "path"]).assign(label="A").to_csv(tmp_path / "m.csv", index=False)
     status = tmp_path / "status.csv"
     runner = CliRunner()
-    res = runner.invoke(build_app(), ["cohort", "check", str(tmp_path / "m.csv"), "--status", str(status)])
+    root = ["--data-root", str(b["good"].parent)]  # the slides live outside the manifest's folder
+    res = runner.invoke(build_app(), ["cohort", "check", str(tmp_path / "m.csv"), "--status", str(status), *root])
     assert res.exit_code == 0, res.output
     table = StatusTable.load(status)
     by_id = {r.slide_id: r for r in table}
@@ -278,7 +279,8 @@ def test_cohort_check_cli_goes_on_and_records_everything(bad_slides, tmp_path):
     assert by_id["nompp"].reason.startswith("no resolution metadata")
     assert by_id["row 6"].reason == "no slide_id"
     # --fail-fast stops at the first problem, keeps what was recorded before it, exit code 2
-    res = runner.invoke(build_app(), ["cohort", "check", str(tmp_path / "m.csv"), "--status", str(status), "--fail-fast"])
+    res = runner.invoke(build_app(), ["cohort", "check", str(tmp_path / "m.csv"), "--status", str(status), "--fail-fast",
+                                      *root])
     assert res.exit_code == 2
     assert len(StatusTable.load(status)) == len(table) + 1
 

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from histobench.cli.common import console, err_console, handle_errors
+from histobench.cli.common import AllowOutsideOpt, DataRootOpt, console, err_console, handle_errors
 
 app = typer.Typer(help="Build cohort manifests (GDC, PANDA, CSV) and check them slide by slide.", no_args_is_help=True)
 
@@ -90,8 +90,12 @@ def check_cmd(
     status: Annotated[Path, typer.Option("--status", help="Status CSV to append the per-slide records to.")] = Path("status.csv"),
     slide_mpp: Annotated[Optional[float], typer.Option("--slide-mpp", help="µm/px for slides whose metadata lacks it.")] = None,
     fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first bad slide.")] = False,
+    data_root: DataRootOpt = None,
+    allow_outside_data_root: AllowOutsideOpt = False,
 ) -> None:
-    """Check every row and slide of a manifest; one line per problem, all recorded in the status CSV."""
+    """Check every row and slide of a manifest; one line per problem, all recorded in the status CSV.
+
+    Slide paths must lie inside the manifest's folder or --data-root unless --allow-outside-data-root."""
     import pandas as pd
 
     from histobench.cohorts.status import StatusTable, check_slide, validate_manifest_rows
@@ -105,9 +109,14 @@ def check_cmd(
     if not manifest.exists():
         raise HistobenchError(f"manifest {manifest} does not exist")
     df = pd.read_csv(manifest, dtype={"slide_id": str, "case_id": str, "path": str})
+    from histobench.cohorts.manifest import check_paths
+
     table = StatusTable()
+    good, problems = validate_manifest_rows(df, comp)
+    joined = good.assign(path=[str(p if Path(p).is_absolute() else manifest.parent / p) for p in good["path"].astype(str)])
+    check_paths(joined, [manifest.parent, data_root], allow_outside=allow_outside_data_root,
+                source=f"manifest {manifest}")
     try:
-        good, problems = validate_manifest_rows(df, comp)
         for sid, reason in problems:
             rec = table.add(sid, "manifest", "skipped", reason)
             err_console.print(rec.line(), highlight=False)

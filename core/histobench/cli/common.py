@@ -9,23 +9,25 @@ from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import typer
-from rich.console import Console
 
+from histobench.cli.output import EnvConsole
 from histobench.errors import HistobenchError
 
-console = Console()
-err_console = Console(stderr=True)
+console = EnvConsole()
+err_console = EnvConsole(stderr=True)
 
 
 def handle_errors(fn: Callable) -> Callable:
     """Turn a :class:`HistobenchError` into one red line on stderr and exit code 2 (never a traceback)."""
+
+    from rich.markup import escape  # an error names user files and values: print them as text
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except HistobenchError as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]: finished stages are cached; run the same command to resume")
@@ -56,6 +58,7 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of pretraining and ag
 TrackingOpt = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or MLflow's local store).", envvar="MLFLOW_TRACKING_URI")]
 WorkdirOpt = Annotated[Path, typer.Option("--workdir", help="Where tiles, checkpoints and features are cached.", envvar="HISTOBENCH_WORKDIR")]
 DataRootOpt = Annotated[Optional[Path], typer.Option("--data-root", help="Folder with the task's slides.", envvar="HISTOBENCH_DATA_ROOT")]
+AllowOutsideOpt = Annotated[bool, typer.Option("--allow-outside-data-root", help="Read slides whose manifest paths resolve outside the data root (absolute paths, '..', symlinks out); refused by default.", envvar="HISTOBENCH_ALLOW_OUTSIDE_DATA_ROOT")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="torch device (default: cuda if available, else cpu).")]
 
 
@@ -67,7 +70,7 @@ def is_rank_zero() -> bool:
 def reporter():
     from histobench.reporting import Reporter, RichReporter
 
-    return RichReporter(err_console) if is_rank_zero() else Reporter()
+    return RichReporter(err_console.get()) if is_rank_zero() else Reporter()
 
 
 def is_tty() -> bool:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from histobench.cli.common import (AggregatorOpt, DataRootOpt, DemoOpt, DeviceOpt, EncoderOpt, FailFastOpt, LeakyOpt,
+from histobench.cli.common import (AggregatorOpt, AllowOutsideOpt, DataRootOpt, DemoOpt, DeviceOpt, EncoderOpt, FailFastOpt, LeakyOpt,
                                    OptionsOpt, PretextOpt, PretrainManifestOpt, PretrainTaskOpt, ProtocolOpt, SeedOpt,
                                    SegmenterOpt, SplitOpt, TaskOpt, TextEncoderOpt, TrackingOpt, WorkdirOpt, console,
                                    is_rank_zero, reporter)
@@ -75,6 +75,7 @@ def run_cmd(
     tracking_uri: TrackingOpt = None,
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
     data_root: DataRootOpt = None,
+    allow_outside_data_root: AllowOutsideOpt = False,
     device: DeviceOpt = None,
     split: SplitOpt = None,
     fail_fast: FailFastOpt = False,
@@ -92,6 +93,7 @@ def run_cmd(
     from histobench.pipeline import run
 
     spec = _spec(task, pretext, encoder, aggregator, option, demo, seed, workdir, data_root, tracking_uri, device,
+                 allow_outside_data_root=allow_outside_data_root,
                  split=split, fail_fast=fail_fast, allow_leaky_splits=allow_leaky_splits, protocol=protocol,
                  segmenter=segmenter, text_encoder=text_encoder, pretrain_task=pretrain_task,
                  pretrain_manifest=pretrain_manifest)
@@ -113,6 +115,7 @@ def pretrain_cmd(
     seed: SeedOpt = 0,
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
     data_root: DataRootOpt = None,
+    allow_outside_data_root: AllowOutsideOpt = False,
     device: DeviceOpt = None,
     segmenter: SegmenterOpt = None,
     text_encoder: TextEncoderOpt = None,
@@ -127,6 +130,7 @@ def pretrain_cmd(
     if pretext == "none":
         raise HistobenchError("pretrain needs --pretext")
     spec = _spec(task, pretext, encoder, None, option, demo, seed, workdir, data_root, None, device, track=False,
+                 allow_outside_data_root=allow_outside_data_root,
                  segmenter=segmenter, text_encoder=text_encoder, pretrain_task=pretrain_task,
                  pretrain_manifest=pretrain_manifest)
     rep = reporter()
@@ -147,6 +151,7 @@ def extract_cmd(
     seed: SeedOpt = 0,
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
     data_root: DataRootOpt = None,
+    allow_outside_data_root: AllowOutsideOpt = False,
     device: DeviceOpt = None,
 ) -> None:
     """Only extract: encode the task's tiles into one HDF5 file per slide; prints the folder."""
@@ -155,7 +160,8 @@ def extract_cmd(
     from histobench.errors import HistobenchError
     from histobench.pipeline import cohort_inputs, encode_cohort, load_cohort, resolve
 
-    spec = _spec(task, "none", encoder, None, option, demo, seed, workdir, data_root, None, device, track=False)
+    spec = _spec(task, "none", encoder, None, option, demo, seed, workdir, data_root, None, device, track=False,
+                 allow_outside_data_root=allow_outside_data_root)
     rep = reporter()
     comps = resolve(spec)
     torch.manual_seed(seed)
@@ -187,6 +193,7 @@ def evaluate_cmd(
     tracking_uri: TrackingOpt = None,
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
     data_root: DataRootOpt = None,
+    allow_outside_data_root: AllowOutsideOpt = False,
     no_track: Annotated[bool, typer.Option("--no-track", help="Do not log to MLflow.")] = False,
     split: SplitOpt = None,
     allow_leaky_splits: LeakyOpt = False,
@@ -198,6 +205,7 @@ def evaluate_cmd(
     from histobench.tracking import Tracker
 
     spec = _spec(task, "none", "timm", aggregator, option, demo, seed, workdir, data_root, tracking_uri, None,
+                 allow_outside_data_root=allow_outside_data_root,
                  track=not no_track, split=split, allow_leaky_splits=allow_leaky_splits, protocol=protocol)
     rep = reporter()
     comps = resolve(spec)

@@ -322,8 +322,12 @@ def task_splits(task, manifest: pd.DataFrame, *, workdir: Path, preset: str | No
     ``preset`` (else the task's ``split`` option, when it is not ``"default"``) names a published split shipped
     by the task (``task.split_presets``: name -> folder of ``splits_<k>.csv``), restricted to the manifest's
     slides. Otherwise histobench's own: patient-level, seeded k-fold with ``task.options.folds`` folds,
-    stratified by ``label`` (by ``event`` for survival tasks).
+    stratified by ``label`` (by ``event`` for survival tasks). A cohort of a single class (no death, for
+    survival) is refused first, in one line.
     """
+    from histobench.cohorts.status import check_cohort_labels
+
+    check_cohort_labels(manifest, task)  # one class only, or no death: no fold can be evaluated
     name = preset or getattr(task.options, "split", "default") or "default"
     if name != "default":
         presets = getattr(type(task), "split_presets", {}) or {}

@@ -218,7 +218,8 @@ def validate_manifest_rows(df, task: Any = None, *, known_slide_ids: Iterable[st
     the task's ``known_slide_ids()`` when it has one; ``check_known_ids=False`` skips this, e.g. for a
     ``--demo`` cohort), a missing case id or path, a label that is not one of
     ``task.classes``; for survival a missing, non-numeric, non-finite, zero or negative ``time`` and an
-    ``event`` other than 0 or 1. The good rows come back with string ids and, for survival, float ``time``
+    ``event`` other than 0 or 1. Then every slide of a patient whose slides disagree (two labels, or two survival
+    outcomes) is dropped too. The good rows come back with string ids and, for survival, float ``time``
     and int ``event``.
     """
     import pandas as pd
@@ -285,6 +286,7 @@ def validate_manifest_rows(df, task: Any = None, *, known_slide_ids: Iterable[st
             times[i], events[i] = float(t), int(e)
         keep.append(i)
 
+    keep = _drop_conflicting_patients(df, keep, kind, classes, times, events, problems)
     good = df.iloc[keep].copy()
     good["slide_id"] = good["slide_id"].astype(str).str.strip()
     good["case_id"] = good["case_id"].astype(str).str.strip()
@@ -294,6 +296,64 @@ def validate_manifest_rows(df, task: Any = None, *, known_slide_ids: Iterable[st
         good["time"] = [times[i] for i in keep]
         good["event"] = [events[i] for i in keep]
     return good.reset_index(drop=True), problems
+
+
+def _drop_conflicting_patients(df, keep: list[int], kind: str | None, classes: list[str], times: dict[int, float],
+                               events: dict[int, int], problems: list[tuple[str, str]]) -> list[int]:
+    """Drop every slide of a patient whose slides disagree on the patient's label (or survival time and event).
+
+    A patient has one diagnosis and one survival outcome; two values mean the manifest is wrong somewhere, and
+    neither can be trusted, so all of that patient's slides are recorded and dropped.
+    """
+    if not keep or not (classes or kind == "survival"):
+        return keep
+    rows = df.to_dict("records")
+    values: dict[str, dict[str, list[str]]] = {}  # case -> value -> slide ids
+    for i in keep:
+        case = str(rows[i]["case_id"]).strip()
+        sid = str(rows[i]["slide_id"]).strip()
+        value = _label_text(rows[i]["label"]) if classes else f"time {times[i]:g}, event {events[i]}"
+        values.setdefault(case, {}).setdefault(value, []).append(sid)
+    bad = {case: seen for case, seen in values.items() if len(seen) > 1}
+    if not bad:
+        return keep
+    what = "labels" if classes else "survival outcomes"
+    for i in keep:
+        case = str(rows[i]["case_id"]).strip()
+        if case in bad:
+            detail = "; ".join(f"{v!r} on {', '.join(sids)}" for v, sids in sorted(bad[case].items()))
+            problems.append((str(rows[i]["slide_id"]).strip(),
+                             f"patient {case} has conflicting {what} ({detail}); all its slides dropped"))
+    return [i for i in keep if str(rows[i]["case_id"]).strip() not in bad]
+
+
+def check_cohort_labels(df, task: Any, source: str = "") -> None:
+    """Refuse a cohort that cannot be evaluated whatever the folds: one class only, or no death at all.
+
+    ``df`` holds the usable rows (after :func:`validate_manifest_rows`). Subtyping and grading need patients of
+    at least two classes; survival needs at least one event, or no c-index is defined.
+    """
+    kind = getattr(task, "task_kind", None)
+    where = source or f"the cohort of task {getattr(task, 'name', '?')}"
+    if df is None or len(df) == 0:
+        raise HistobenchError(f"{where} is empty after filtering")
+    if kind in ("subtyping", "grading") and "label" in df.columns:
+        per_class = df.drop_duplicates("case_id")["label"].astype(str).value_counts()
+        if len(per_class) < 2:
+            only = per_class.index[0] if len(per_class) else "?"
+            raise HistobenchError(
+                f"{where} has a single class ({only!r}, {int(per_class.sum())} patients); task "
+                f"{getattr(task, 'name', '?')} needs at least two of {', '.join(map(str, getattr(task, 'classes', ())))}")
+    if kind == "survival" and "event" in df.columns:
+        events = _numeric(df["event"])
+        if not (events == 1).any():
+            raise HistobenchError(f"{where} has no death (event 1) among its {len(df)} slides: no c-index is defined")
+
+
+def _numeric(series):
+    import pandas as pd
+
+    return pd.to_numeric(series, errors="coerce")
 
 
 def _label_text(v: Any) -> str:

@@ -45,6 +45,7 @@ class RunSpec:
     text_encoder: str | None = None  # None: the pretext's default, when it requires text
     pretrain_task: str | None = None  # pretrain on another task's cohort (labels never read)
     pretrain_manifest: Path | None = None  # ... or on the slides of a manifest (slide_id, case_id, path)
+    allow_outside_data_root: bool = False  # slide paths may resolve outside the data root (--allow-outside-data-root)
 
 
 @dataclass

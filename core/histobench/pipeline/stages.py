@@ -42,7 +42,7 @@ def load_cohort(spec: RunSpec, task: Task, reporter: Reporter, status=None):
     Rows that cannot be used (unknown ids, missing columns, bad labels or survival times) are recorded in
     ``status`` and dropped; the run goes on with the rest.
     """
-    from histobench.cohorts.manifest import data_root, validate_manifest
+    from histobench.cohorts.manifest import allow_outside_from_env, check_paths, data_root, validate_manifest
     from histobench.cohorts.status import StatusTable, validate_manifest_rows
 
     status = status if status is not None else StatusTable()
@@ -51,7 +51,10 @@ def load_cohort(spec: RunSpec, task: Task, reporter: Reporter, status=None):
         with reporter.stage(f"demo cohort {task.name}", total=None, unit="slides"):
             df = task.demo_cohort(out, seed=0)
     else:
-        df = task.cohort(data_root(spec.data_root))
+        root = data_root(spec.data_root)
+        df = task.cohort(root)
+        check_paths(df, [root], allow_outside=spec.allow_outside_data_root or allow_outside_from_env(),
+                    source=f"the cohort of task {task.name}")
     df = validate_manifest(df, ["label"] if task.task_kind != "survival" else ["time", "event"], source=f"task {task.name}")
     df, problems = validate_manifest_rows(df, task, check_known_ids=not spec.demo)
     for slide_id, reason in problems:
@@ -69,9 +72,11 @@ def tile_slides(spec: RunSpec, manifest, reporter: Reporter, status, stage: str,
     status table (``WORKDIR/status.csv``) and skipped; ``--fail-fast`` stops at the first one instead.
     """
     from histobench.cohorts.status import check_slide
+    from histobench.faults import fault_point
+    from histobench.locks import OutputLock, remove_temporaries
     from histobench.pretrain.data import SlideTiles
     from histobench.slides.reader import open_slide
-    from histobench.slides.tiling import TileSet, slide_fingerprint
+    from histobench.slides.tiling import slide_fingerprint
 
     slides = []
     with reporter.stage(stage, total=len(manifest), unit="slides") as st:
@@ -81,16 +86,22 @@ def tile_slides(spec: RunSpec, manifest, reporter: Reporter, status, stage: str,
             try:
                 # a cached tile set counts only for the same slide file (same content fingerprint)
                 source = slide_fingerprint(row.path) if Path(row.path).exists() else None
-                tiles = TileSet.load(path) if source and path.exists() else None
-                if tiles is None or tiles.source != source:
+                tiles = _cached_tiles(path, source, reporter)
+                if tiles is None:
                     reason = check_slide(row)
                     if reason:
                         _problem(spec, reporter, status, row.slide_id, stage, reason)
                         continue
-                    with open_slide(row.path) as slide:
-                        tiles = make(slide)
-                    tiles.source = source
-                    tiles.save(path)
+                    # one process tiles a slide; another that wants it waits, then reuses its file
+                    with OutputLock(path, reporter):
+                        tiles = _cached_tiles(path, source, reporter)
+                        if tiles is None:
+                            remove_temporaries(path, (".{name}.*.tmp",))  # left by a killed writer
+                            with open_slide(row.path) as slide:
+                                tiles = make(slide)
+                            tiles.source = source
+                            tiles.save(path)
+                    fault_point("tile.slide")
             except HistobenchError as err:
                 _problem(spec, reporter, status, row.slide_id, stage, str(err))
                 continue
@@ -103,6 +114,22 @@ def tile_slides(spec: RunSpec, manifest, reporter: Reporter, status, stage: str,
     if not slides:
         raise HistobenchError(f"no slide of the cohort has tissue ({status.summary()})")
     return slides
+
+
+def _cached_tiles(path: Path, source: str | None, reporter: Reporter):
+    """The tile set cached at ``path`` if it is readable and was made from the same slide file; else None.
+
+    An unreadable file (truncated, not a tile set) is reported and redone, never trusted."""
+    from histobench.slides.tiling import TileSet
+
+    if not source or not path.exists():
+        return None
+    try:
+        tiles = TileSet.load(path)
+    except HistobenchError as err:
+        reporter.warn(f"{err}; tiling the slide again")
+        return None
+    return tiles if tiles.source == source else None
 
 
 def tile_cohort(manifest, task: Task, workdir: Path, reporter: Reporter, spec: RunSpec | None = None, status=None):
@@ -161,14 +188,17 @@ def pretrain_stage(spec: RunSpec, comps: Components, slides, reporter: Reporter,
         capped = _cap(slides, train.max_tiles_per_slide, spec.seed)
         dataset = SlideTileDataset(capped, decode="jpeg")  # direct JPEG tiles where possible: openslide's pixels, faster
         data_key = digest([(s.slide_id, s.tiles.key(), len(s.tiles), s.tiles.source) for s in capped])
-        data = _on_rank_zero_first(lambda: cache_uint8(dataset, Path(spec.workdir) / "tilecache" / f"{data_key}.npy",
-                                                       reporter, train.num_workers))
+        tile_cache = Path(spec.workdir) / "tilecache" / f"{data_key}.npy"
+        data = _on_rank_zero_first(lambda: _locked(tile_cache, reporter, lambda: cache_uint8(
+            dataset, tile_cache, reporter, train.num_workers)))
         if segmentation is not None:
             from histobench.pretrain.data import cache_masks
 
             mask_key = digest([data_key, segmentation.identity])
-            data = _on_rank_zero_first(lambda: cache_masks(data, capped, segmentation,
-                                                           Path(spec.workdir) / "maskcache" / mask_key, reporter))
+            mask_cache = Path(spec.workdir) / "maskcache" / mask_key
+            tiles_data = data
+            data = _on_rank_zero_first(lambda: _locked(mask_cache, reporter, lambda: cache_masks(
+                tiles_data, capped, segmentation, mask_cache, reporter)))
             data_key = mask_key
         cohort = CohortMeta(tuple(s.slide_id for s in capped), tuple(s.case_id or s.slide_id for s in capped),
                             cohort_task or comps.task.name)
@@ -177,14 +207,30 @@ def pretrain_stage(spec: RunSpec, comps: Components, slides, reporter: Reporter,
     fingerprint = digest({k: resolved[k] for k in keys} | {"data": data_key, "seed": spec.seed})
     out_dir = Path(spec.workdir) / "pretrain" / f"{comps.pretext.name}-{fingerprint}"
     seg_info = {} if segmentation is None else {"identity": segmentation.identity, **segmentation.info}
-    result = pretrain(comps.pretext, comps.encoder, data, train, out_dir=out_dir, seed=spec.seed,
-                      device=spec.device, reporter=reporter, tracker=tracker, cohort=cohort,
-                      text_encoder=comps.text_encoder, segmentation=seg_info)
-    import torch
 
-    if _rank()[0] == 0:
-        torch.save(result.encoder.state_dict(), out_dir / "encoder.pt")
+    def run_pretext():
+        # a second process on the same checkpoint folder waits, then resumes from the finished checkpoint
+        result = pretrain(comps.pretext, comps.encoder, data, train, out_dir=out_dir, seed=spec.seed,
+                          device=spec.device, reporter=reporter, tracker=tracker, cohort=cohort,
+                          text_encoder=comps.text_encoder, segmentation=seg_info)
+        if _rank()[0] == 0:
+            from histobench.pretrain.trainer import save_atomic
+
+            save_atomic(result.encoder.state_dict(), out_dir / "encoder.pt")
+        return result
+
+    # under torchrun rank 0 alone holds the folder's lock (its ranks train together, and meet at barriers)
+    result = _locked(out_dir, reporter, run_pretext) if _rank()[0] == 0 else run_pretext()
     return result.encoder, result, out_dir
+
+
+def _locked(output: Path, reporter: Reporter, make):
+    """``make()`` while holding ``output``'s lock (:mod:`histobench.locks`): one process at a time makes a
+    cached output; one that waited finds it complete (each cache's own check) and reuses it."""
+    from histobench.locks import OutputLock
+
+    with OutputLock(output, reporter):
+        return make()
 
 
 def _on_rank_zero_first(make):
@@ -211,7 +257,9 @@ def extract_stage(spec: RunSpec, comps: Components, encoder, slides, reporter: R
         slides = _cap(slides, o.max_tiles_per_slide, 0)
     w = weights_hash(encoder)
     name = f"{comps.encoder.name}:{weights_tag}"
-    out = Path(spec.workdir) / "features" / cache_key(name, w, mpp or o.mpp, tile_size or o.tile_size)
+    # the options digest: a cut's pooling/activation and the input transform change features, not the state dict
+    key = cache_key(f"{name}-{comps.encoder.features_digest()}", w, mpp or o.mpp, tile_size or o.tile_size)
+    out = Path(spec.workdir) / "features" / key
     res = extract_features(encoder, comps.encoder.transform(), slides, out, encoder_name=name, weights=w,
                            device=spec.device, reporter=reporter, num_workers=0 if spec.demo else None)
     return FeatureDir(out), res, w
@@ -269,7 +317,8 @@ def pretrain_cohort(spec: RunSpec, comps: Components, manifest, reporter: Report
     if spec.pretrain_manifest:
         from histobench.cohorts.manifest import load_manifest
 
-        df = load_manifest(Path(spec.pretrain_manifest))
+        df = load_manifest(Path(spec.pretrain_manifest), data_root=spec.data_root,
+                           allow_outside=spec.allow_outside_data_root)
         reporter.info(f"pretraining cohort {Path(spec.pretrain_manifest).name}: {len(df)} slides, "
                       f"{df['case_id'].nunique()} patients")
         return df, f"manifest:{Path(spec.pretrain_manifest).name}#{digest(df[['slide_id', 'path']].values.tolist())}"

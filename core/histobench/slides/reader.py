@@ -334,16 +334,44 @@ def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> Slide:
     return _open_file(p, mpp, shown=p)
 
 
+# The first bytes of formats that OpenSlide cannot read but that turn up in slide folders.
+_SIGNATURES = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+               (b"BM", "a BMP image"), (b"%PDF", "a PDF document"), (b"PK\x03\x04", "a ZIP archive"))
+
+
+def _describe_format(p: Path) -> str:
+    """What the file looks like from its first bytes, for the one-line error: ``a PNG image``, ``text``, ..."""
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(512)
+    except OSError:
+        return "unreadable"
+    for magic, what in _SIGNATURES:
+        if head.startswith(magic):
+            return f"{p.suffix or 'no extension'} file holding {what}"
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "a TIFF file OpenSlide cannot read; truncated or not tiled"
+    if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        return f"{p.suffix or 'no extension'} file holding text"
+    return f"{p.suffix or 'no extension'} file of an unknown format"
+
+
 def _open_file(p: Path, mpp: float | None, shown: Path) -> Slide:
     try:
         import openslide
     except ImportError as exc:  # pragma: no cover - openslide is a hard dependency
         raise HistobenchError(f"cannot open slide {p}: openslide is not installed ({exc})") from exc
     try:
+        size = p.stat().st_size
+    except OSError as exc:
+        raise HistobenchError(f"cannot open slide {shown}: {exc.strerror or exc}") from exc
+    if size == 0:
+        raise HistobenchError(f"cannot open slide {shown}: empty file (0 bytes)")
+    try:
         handle = openslide.OpenSlide(str(p))
     except Exception as exc:  # OpenSlideUnsupportedFormatError, OpenSlideError, OSError
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if isinstance(exc, openslide.OpenSlideUnsupportedFormatError):
-            reason = "unsupported or corrupt file format"
+            reason = f"unsupported or corrupt file format ({_describe_format(p)})"
         raise HistobenchError(f"cannot open slide {shown}: {reason}") from exc
     return Slide(shown, handle, mpp)
