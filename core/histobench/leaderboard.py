@@ -210,20 +210,30 @@ def protocols(df) -> list[str]:
     return list(dict.fromkeys(df["protocol"])) if "protocol" in df.columns else []
 
 
+_MD_SPECIAL = str.maketrans({c: "\\" + c for c in "\\`*_[]|"} | {"<": "&lt;", ">": "&gt;", "&": "&amp;"})
+
+
+def md_cell(value: object) -> str:
+    """A value as the text of one Markdown table cell, shown as written: Markdown punctuation is backslash-
+    escaped (a pipe cannot end the cell, brackets make no link), ``<``/``>``/``&`` become entities (no HTML
+    reaches the renderer), and line breaks become spaces (one row stays one line)."""
+    return " ".join(str(value).split("\n")).replace("\r", " ").translate(_MD_SPECIAL)
+
+
 def _md_table(df) -> list[str]:
-    header = "| " + " | ".join(map(str, df.columns)) + " |"
+    header = "| " + " | ".join(md_cell(c) for c in df.columns) + " |"
     sep = "|" + "|".join("---" for _ in df.columns) + "|"
-    body = ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in df.itertuples(index=False)]
+    body = ["| " + " | ".join(md_cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return [header, sep, *body]
 
 
 def to_markdown(df, task: str, primary: str) -> str:
     """A title, the notes, then a section per protocol with its own ranked table."""
-    parts = [f"# {task} leaderboard", ""]
+    parts = [f"# {md_cell(task)} leaderboard", ""]
     for line in notes(df, task, primary):
         parts += [line, ""]
     for protocol in protocols(df):
-        parts += [f"## protocol {protocol}", "", *_md_table(df[df["protocol"] == protocol]), ""]
+        parts += [f"## protocol {md_cell(protocol)}", "", *_md_table(df[df["protocol"] == protocol]), ""]
     return "\n".join(parts)
 
 
@@ -237,9 +247,15 @@ td.prov{font-family:monospace;font-size:12px;color:#555}p.note{color:#555;max-wi
 PROV_CLASS = ' class="prov"'
 
 
+_CSP = "default-src 'none'; style-src 'unsafe-inline'"
+"""The page's Content-Security-Policy: no script, image, frame or fetch may run or load even if a string
+escaped its cell (defence in depth; every run-controlled string is escaped with ``html.escape``)."""
+
+
 def to_html(df, task: str, primary: str) -> str:
     """A single self-contained page (inline CSS, no scripts, no external assets): a section per protocol,
-    one ``<tr>`` per run."""
+    one ``<tr>`` per run. Every string from the runs (names, params, tags, metric names) is HTML-escaped,
+    in text and in attributes, and the page's Content-Security-Policy forbids scripts."""
     esc = html.escape
     prov = {"run_id", "git_sha", "split_hash", "plugins", "protocol options"}
     head = "".join(f"<th>{esc(str(c))}</th>" for c in df.columns)
@@ -254,7 +270,8 @@ def to_html(df, task: str, primary: str) -> str:
         sections.append(f'<h2>protocol {esc(protocol)}</h2>\n<table class="leaderboard" data-protocol="{esc(protocol)}">'
                         f"<thead><tr>{head}</tr></thead><tbody>\n" + "\n".join(rows) + "\n</tbody></table>")
     note = "".join(f'<p class="note">{esc(line)}</p>' for line in notes(df, task, primary))
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(task)} leaderboard</title>'
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta http-equiv="Content-Security-Policy" content="{_CSP}"><title>{esc(task)} leaderboard</title>'
             f"<style>{_CSS}</style></head><body><h1>{esc(task)} leaderboard</h1>{note}\n"
             + "\n".join(sections) + "\n</body></html>\n")
 

@@ -2,6 +2,10 @@
 
 Library code takes a :class:`Reporter` (or ``None`` for silence) and calls ``stage`` / ``advance`` /
 ``info``; the CLI passes a :class:`RichReporter`, tests a :class:`Reporter` that prints nothing.
+
+A :class:`RichReporter` draws live progress bars only on a terminal. Where its stream is not one (a log
+file, a pipe, a batch scheduler's output), each stage prints one plain line when it ends, with its count,
+time and throughput (:func:`stage_line`), and no escape codes.
 """
 
 from __future__ import annotations
@@ -55,25 +59,56 @@ class Reporter:
         pass
 
 
+def _fields_text(fields: dict) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+
+
+def stage_line(description: str, done: int, unit: str, seconds: float, fields: dict | None = None,
+               finished: bool = True) -> str:
+    """A stage's summary as one line: ``extract: 1,234 tiles in 12.3 s (100.3 tiles/s)``; a stage that counted
+    nothing says ``done in 1.2 s``; one that raised says ``stopped after``; its last ``set`` fields follow."""
+    rate = done / max(seconds, 1e-9)
+    if done or not finished:
+        body = f"{done:,} {unit} in {seconds:.1f} s ({rate:,.1f} {unit}/s)"
+        body = body if finished else "stopped after " + body
+    else:
+        body = f"done in {seconds:.1f} s"
+    extra = _fields_text(fields or {})
+    return f"{description}: {body}" + (f" {extra}" if extra else "")
+
+
 class RichReporter(Reporter):
-    """Rich progress bars with throughput and ETA, and coloured messages."""
+    """Rich progress bars with throughput and ETA, and coloured messages; on a stream that is not a terminal,
+    one plain line per stage at its end (:func:`stage_line`)."""
 
     def __init__(self, console=None) -> None:
         super().__init__()
         from rich.console import Console
 
         self.console = console or Console(stderr=True)
+        self._fields: dict[int, dict] = {}
+
+    @property
+    def live(self) -> bool:
+        """Whether stages are drawn as live progress bars (the console is an interactive terminal)."""
+        return bool(self.console.is_terminal and not self.console.is_dumb_terminal)
 
     def info(self, message: str) -> None:
         super().info(message)
-        self.console.print(message, highlight=False)
+        self.console.print(message, highlight=False, markup=False)  # messages name slides and files: plain text
 
     def warn(self, message: str) -> None:
+        from rich.text import Text
+
         super().warn(message)
-        self.console.print(f"[yellow]warning:[/] {message}", highlight=False)
+        self.console.print(Text.assemble(("warning:", "yellow"), " ", message), highlight=False)
 
     @contextmanager
     def stage(self, description: str, total: int | None = None, unit: str = "it") -> Iterator[Stage]:
+        if not self.live:
+            with self._plain_stage(description, total, unit) as stage:
+                yield stage
+            return
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
                                    TimeElapsedColumn, TimeRemainingColumn)
 
@@ -97,11 +132,25 @@ class RichReporter(Reporter):
             finally:
                 self._progress = None
 
+    @contextmanager
+    def _plain_stage(self, description: str, total: int | None, unit: str) -> Iterator[Stage]:
+        stage = Stage(self, None, total, unit)
+        self._fields[id(stage)] = {}
+        finished = False
+        try:
+            yield stage
+            finished = True
+        finally:
+            fields = self._fields.pop(id(stage), {})
+            line = stage_line(description, stage.done, unit, time.perf_counter() - stage.started, fields, finished)
+            self.console.print(line, highlight=False, markup=False, soft_wrap=True)
+
     def _advance(self, stage: Stage, n: int) -> None:
         if getattr(self, "_progress", None) is not None:
             self._progress.update(stage.task_id, advance=n, rate=f"{stage.rate:,.1f} {stage.unit}/s")
 
     def _set(self, stage: Stage, fields: dict) -> None:
-        if getattr(self, "_progress", None) is not None:
-            text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
-            self._progress.update(stage.task_id, extra=text)
+        if id(stage) in self._fields:
+            self._fields[id(stage)].update(fields)
+        elif getattr(self, "_progress", None) is not None:
+            self._progress.update(stage.task_id, extra=_fields_text(fields))

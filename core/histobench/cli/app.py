@@ -47,12 +47,15 @@ def build_app() -> typer.Typer:
 
 
 def main() -> None:
+    from rich.markup import escape
+
     from histobench.cli.common import err_console
     from histobench.errors import HistobenchError
 
     try:
         app = build_app()
     except HistobenchError as err:  # a broken plugin: say which, and how to start without it
-        err_console.print(f"[bold red]error:[/] {err} (HISTOBENCH_DISABLE_PLUGINS=name skips a plugin)")
+        err_console.print(f"[bold red]error:[/] {escape(str(err))} (HISTOBENCH_DISABLE_PLUGINS=name skips a plugin)",
+                          highlight=False, soft_wrap=True)
         raise SystemExit(2) from None
     app()

@@ -23,10 +23,12 @@ def _write(manifest, report, out: Path) -> None:
     if report.dropped:
         dropped = out.with_name(out.stem + "-dropped.csv")
         _atomic_write_text(dropped, report.to_frame().to_csv(index=False))
-    console.print(report.summary(), highlight=False)
+    # slide ids, paths and reasons come from the user's files: printed as text (markup=False)
+    console.print(report.summary(), highlight=False, markup=False)
     for line in report.lines():
-        err_console.print(line, highlight=False)
-    console.print(f"manifest: {out}" + (f" (dropped rows: {out.stem}-dropped.csv)" if report.dropped else ""), highlight=False)
+        err_console.print(line, highlight=False, markup=False)
+    console.print(f"manifest: {out}" + (f" (dropped rows: {out.stem}-dropped.csv)" if report.dropped else ""),
+                  highlight=False, markup=False)
 
 
 @app.command("import-gdc")
@@ -119,7 +121,7 @@ def check_cmd(
     try:
         for sid, reason in problems:
             rec = table.add(sid, "manifest", "skipped", reason)
-            err_console.print(rec.line(), highlight=False)
+            err_console.print(rec.line(), highlight=False, markup=False)
             if fail_fast:
                 raise HistobenchError(rec.line())
         for row in good.to_dict("records"):
@@ -129,9 +131,9 @@ def check_cmd(
             reason = check_slide(row, mpp=slide_mpp, warnings=warnings)
             rec = table.add(row["slide_id"], "check", "skipped" if reason else "ok", reason or "; ".join(warnings))
             if reason or warnings:
-                err_console.print(rec.line(), highlight=False)
+                err_console.print(rec.line(), highlight=False, markup=False)
             if reason and fail_fast:
                 raise HistobenchError(rec.line())
     finally:
         table.save(status)
-    console.print(table.summary() + f" (records appended to {status})", highlight=False)
+    console.print(table.summary() + f" (records appended to {status})", highlight=False, markup=False)

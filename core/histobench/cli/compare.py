@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from histobench.cli.common import TrackingOpt, console
 
@@ -23,9 +24,10 @@ def compare_cmd(
 
     r = compare_runs(run_a, run_b, tracking_uri, metric=metric, n=bootstrap)
     folds, n, key = r["folds"], r["n_folds"], r["estimator"]
-    table = Table(title=f"{r['task']} · {r['metric']} · A - B (splits {r['split_hash']})", title_justify="left")
+    # run names come from the tracking store: shown as text, never read as rich markup
+    table = Table(title=Text(f"{r['task']} · {r['metric']} · A - B (splits {r['split_hash']})"), title_justify="left")
     for col in ("fold", f"A {r['name_a']}", f"B {r['name_b']}", "A - B"):
-        table.add_column(col, justify="right")
+        table.add_column(Text(col), justify="right")
     for k, row in folds.iterrows():
         table.add_row(str(k), f"{row['a']:.3f}", f"{row['b']:.3f}", f"{row['difference']:+.3f}")
     table.add_section()

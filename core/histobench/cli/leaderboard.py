@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from histobench.cli.common import TaskOpt, TrackingOpt, console
 from histobench.errors import HistobenchError
@@ -32,7 +33,7 @@ def leaderboard_cmd(
     name, primary = entry.cls.name, entry.cls.primary_metric
     df = build_leaderboard(name, tracking_uri, include_demo=include_demo)
     if df.empty:
-        console.print(f"no finished runs for task {name} yet")
+        console.print(f"no finished runs for task {name} yet", highlight=False, markup=False)
         return
     paths = write_leaderboard(df, name, out, tuple(f for f in formats if f != "table"))
     if "table" in formats:
@@ -43,14 +44,14 @@ def leaderboard_cmd(
             shown = shown.assign(run_id=shown["run_id"].str[:12])
         for protocol in protocols(shown):
             part = shown[shown["protocol"] == protocol].drop(columns="protocol")
-            table = Table(title=f"{name} leaderboard · protocol {protocol} (by {primary}, mean over folds)",
+            table = Table(title=Text(f"{name} leaderboard · protocol {protocol} (by {primary}, mean over folds)"),
                           title_justify="left")
             for col in part.columns:
-                table.add_column(col, overflow="fold")
+                table.add_column(Text(str(col)), overflow="fold")
             for row in part.astype(str).itertuples(index=False):
-                table.add_row(*row)
+                table.add_row(*(Text(v) for v in row))  # run names and params are text, never rich markup
             console.print(table)
         for line in notes(df, name, primary):
             console.print(line, highlight=False, markup=False)
     if paths:
-        console.print("written: " + ", ".join(str(p) for p in paths), highlight=False)
+        console.print("written: " + ", ".join(str(p) for p in paths), highlight=False, markup=False)

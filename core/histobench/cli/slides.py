@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from histobench.cli.common import console, err_console, handle_errors
 
@@ -32,7 +33,7 @@ def info_cmd(
         kind = slide_kind(thumb)
     mpp = f"{info['mpp']:.4g} ({info['mpp_source']})" if info["mpp"] else "unknown (pass --slide-mpp)"
     mag = f"{info['magnification']:g}x ({info['magnification_source']})" if info["magnification"] else "unknown"
-    console.print(f"[bold]{info['path']}[/]", highlight=False)
+    console.print(Text(str(info["path"]), style="bold"), highlight=False)  # a file name is text, not markup
     console.print(f"vendor: {info['vendor']}", highlight=False)
     console.print(f"levels: {info['levels']}", highlight=False)
     console.print(f"dimensions: {info['dimensions'][0]} x {info['dimensions'][1]} px", highlight=False)
@@ -75,13 +76,13 @@ def tile_cmd(
         level_ds = slide.level_downsamples[tiles.level]
     out = out or Path(f"{slide_id}-tiles.png")
     draw_tile_grid(thumb, mask, tiles, ds, out)
-    console.print(f"{slide_id}: {len(tiles)} tiles of {size} px at {mpp:g} µm/px "
+    console.print(Text(f"{slide_id}: {len(tiles)} tiles of {size} px at {mpp:g} µm/px "
                   f"(slide {slide_mpp_v:.4g} µm/px; read {tiles.read_size} px at level {tiles.level}, "
-                  f"downsample {level_ds:.3f})", highlight=False)
+                  f"downsample {level_ds:.3f})"), highlight=False)
     frac = float(tiles.tissue_fraction.mean()) if len(tiles) else 0.0
     console.print(f"tissue: {mask.mean():.1%} of the thumbnail; mean tissue fraction of kept tiles {frac:.2f}; "
                   f"stain {kind}", highlight=False)
-    console.print(f"thumbnail with the tile grid: {out}", highlight=False)
+    console.print(f"thumbnail with the tile grid: {out}", highlight=False, markup=False)
 
 
 def draw_tile_grid(thumb, mask, tiles, downsample: float, out: Path) -> Path:

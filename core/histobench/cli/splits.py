@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from histobench.cli.common import console, handle_errors
 
@@ -69,7 +70,7 @@ def audit_cmd(
         rows = audit[audit["fold"] == fold]
         tt = sum("train" in str(v) and "test" in str(v) for v in rows["sides"])
         names = ", ".join(f"{c} ({s})" for c, s in zip(rows["case_id"][:show], rows["sides"][:show]))
-        table.add_row(str(fold), str(n), str(tt), names)
+        table.add_row(str(fold), str(n), str(tt), Text(names))  # patient ids as text, never markup
     console.print(table)
     total = sum(per_fold.values())
     verdict = "no patient on two sides" if total == 0 else f"{total} patient-folds leak"
@@ -95,4 +96,5 @@ def make_cmd(
     splits = task_splits(comp, df, workdir=workdir, preset=preset, seed=seed, val_fraction=val_fraction)
     leaks = sum(leaks_per_fold(splits, df).values())
     path = Path(workdir) / "splits" / f"{comp.name}-{splits.name}-{splits.hash}.csv"
-    console.print(f"{splits.name}: {splits.folds} folds, hash {splits.hash}, leaks {leaks}; written to {path}", highlight=False)
+    console.print(f"{splits.name}: {splits.folds} folds, hash {splits.hash}, leaks {leaks}; written to {path}",
+                  highlight=False, markup=False)
