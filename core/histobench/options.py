@@ -35,8 +35,10 @@ def parse_options(pairs: list[str] | None) -> dict[str, dict[str, Any]]:
         key, raw = pair.split("=", 1)
         prefix, _, field = key.strip().partition(".")
         if prefix not in PREFIXES or not field:
+            hint = closest_hint(prefix, PREFIXES, suffix=f".{field}") if field else ""
             raise OptionError(
-                f"option {key!r} must start with one of {', '.join(p + '.' for p in PREFIXES)} (e.g. pretext.out_dim=4096)"
+                f"option {key!r} must start with one of {', '.join(p + '.' for p in PREFIXES)}"
+                f" (e.g. pretext.out_dim=4096).{hint}"
             )
         grouped.setdefault(prefix, {})[field] = parse_value(raw)
     return grouped
@@ -47,9 +49,18 @@ def _first_error(err: ValidationError, model: type[BaseModel], prefix: str, owne
     loc = ".".join(str(x) for x in e["loc"])
     if e["type"] == "extra_forbidden":
         known = ", ".join(model.model_fields)
-        return f"option {prefix}.{loc}: {owner} has no option {loc!r} (its options: {known})"
+        return f"option {prefix}.{loc}: {owner} has no option {loc!r}.{closest_hint(loc, model.model_fields)} (its options: {known})"
     value = e.get("input")
     return f"option {prefix}.{loc}={value!r}: {e['msg']}"
+
+
+def closest_hint(name: str, candidates, suffix: str = "") -> str:
+    """`` Did you mean 'x'?`` for the closest of ``candidates`` (difflib's ratio >= 0.6), else ``""``;
+    ``suffix`` is appended to the suggestion (the key after a misspelt prefix)."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(c) for c in candidates], n=1)
+    return f" Did you mean {close[0] + suffix!r}?" if close else ""
 
 
 def validate_model(model: type[BaseModel], values: dict[str, Any], prefix: str, owner: str) -> BaseModel:

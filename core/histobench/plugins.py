@@ -57,8 +57,8 @@ def load_plugins() -> pluggy.PluginManager:
         pm.check_pending()
     except pluggy.PluginValidationError as err:
         raise HistobenchError(f"plugin {err.plugin!r} is invalid: {err}") from None
-    except ImportError as err:
-        raise HistobenchError(f"a histobench plugin failed to import: {err}") from None
+    except Exception as err:  # an entry point whose module raises anything on import
+        raise HistobenchError(f"{_failed_entry_point(allow)} failed to import: {_one_line(err)}") from err
     if os.environ.get("HISTOBENCH_TRACE_PLUGINS"):
         def before(hook_name, impls, kwargs):
             print(f"hook {hook_name}: {[i.plugin_name for i in impls]}", file=sys.stderr)
@@ -68,6 +68,30 @@ def load_plugins() -> pluggy.PluginManager:
 
         pm.add_hookcall_monitoring(before, after)
     return pm
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _failed_entry_point(allow: list[str] | None) -> str:
+    """Name the entry point that was loading when an import failed.
+
+    pluggy loads the group's entry points in distribution order and registers each as soon as it is imported,
+    so the culprit is the first one (in that order, within ``allow``) that is neither registered nor blocked.
+    """
+    import importlib.metadata
+
+    found = [(dist, ep) for dist in importlib.metadata.distributions() for ep in dist.entry_points if ep.group == GROUP]
+    if allow is not None:  # loaded one name at a time, in this order
+        found = [(d, ep) for name in dict.fromkeys([CORE, *allow]) for d, ep in found if ep.name == name]
+    for dist, ep in found:
+        if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+            continue
+        project = dist.metadata["name"] if dist.metadata else "?"
+        return f"plugin {ep.name!r} ({ep.value}, from {project} {dist.version})"
+    return "a histobench plugin"
 
 
 def plugin_versions() -> dict[str, str]:

@@ -3,6 +3,11 @@
 Each kind's registry is built by calling every plugin's hook implementation in turn with a ``register``
 closure, so each entry records the plugin (and its distribution version) that registered it. A duplicate
 name raises, naming both plugins.
+
+A plugin's own bugs are named too: an exception (other than a :class:`HistobenchError`) raised while a
+component is built (its constructor in :func:`create`, its ``build`` or ``setup`` method wherever the pipeline
+calls them) becomes one :class:`ComponentBuildError` line naming the kind, the component and its plugin; the
+original exception stays chained for debugging.
 """
 
 from __future__ import annotations
@@ -14,6 +19,40 @@ from typing import Any
 from histobench.components import BASES, HOOKS, Component
 from histobench.errors import DuplicateComponentError, HistobenchError, UnknownComponentError
 from histobench.plugins import load_plugins, plugin_versions
+
+BUILD_METHODS = ("build", "setup")  # the methods that turn a component's options into working parts
+
+
+class ComponentBuildError(HistobenchError):
+    """A plugin's component raised while it was constructed or built."""
+
+
+def _failure(kind: str, cls: type, plugin: str, what: str, err: BaseException) -> ComponentBuildError:
+    text = " ".join(str(err).split())
+    detail = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return ComponentBuildError(f"{kind.replace('_', ' ')} {cls.name!r} of plugin {plugin!r} failed to {what}: {detail}")
+
+
+def _guard(kind: str, cls: type, plugin: str) -> None:
+    """Wrap ``cls``'s own build/setup methods (once) so that a plugin's exception names the plugin."""
+    import functools
+
+    for method in BUILD_METHODS:
+        fn = cls.__dict__.get(method)
+        if fn is None or not callable(fn) or getattr(fn, "_histobench_guarded", False):
+            continue
+
+        def guarded(self, *args, _fn=fn, _method=method, **kwargs):
+            try:
+                return _fn(self, *args, **kwargs)
+            except HistobenchError:
+                raise
+            except Exception as err:
+                raise _failure(kind, type(self), plugin, _method, err) from err
+
+        functools.update_wrapper(guarded, fn)
+        guarded._histobench_guarded = True  # type: ignore[attr-defined]
+        setattr(cls, method, guarded)
 
 
 @dataclass(frozen=True)
@@ -55,6 +94,7 @@ def get_components(kind: str) -> dict[str, Entry]:
                     raise DuplicateComponentError(
                         f"{kind} name {key!r} is registered by both plugin {other!r} and plugin {_plugin!r}"
                     )
+            _guard(kind, cls, _plugin)
             found[cls.name] = Entry(cls, _plugin, versions.get(_plugin, "local"))
             for key in (cls.name, *cls.aliases):
                 taken[key] = cls.name
@@ -90,4 +130,10 @@ def create(kind: str, name: str, options: dict[str, Any] | None = None, preset: 
 
     entry = _resolve(kind, name)
     merged = {**entry.cls.preset(preset), **(options or {})}
-    return entry.cls(validate_options(entry.cls, merged, prefix=kind))
+    options_model = validate_options(entry.cls, merged, prefix=kind)
+    try:
+        return entry.cls(options_model)
+    except HistobenchError:
+        raise
+    except Exception as err:
+        raise _failure(kind, entry.cls, entry.plugin, "build", err) from err

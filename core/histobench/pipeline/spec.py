@@ -97,9 +97,11 @@ def _split_eval_options(values: dict[str, Any], protocol_cls: type[Protocol]) ->
         elif key in protocol_cls.Options.model_fields:
             own[key] = value
         else:
-            known = ", ".join([*EvalOptions.model_fields, *protocol_cls.Options.model_fields])
+            from histobench.options import closest_hint
+
+            names = [*EvalOptions.model_fields, *protocol_cls.Options.model_fields]
             raise OptionError(f"option eval.{key}: neither the evaluation policy nor protocol {protocol_cls.name!r} "
-                              f"has an option {key!r} (options: {known})")
+                              f"has an option {key!r}.{closest_hint(key, names)} (options: {', '.join(names)})")
     return shared, own
 
 
