@@ -189,6 +189,54 @@ def test_feature_cache_is_keyed_by_the_cut():
     assert TimmEncoder(arch="resnet18", truncate_at="layer3", final_act="relu").weights_tag() == "random@layer3+relu"
 
 
+
+def test_features_digest_covers_every_option_that_shapes_the_features():
+    """Pooling, activation, input size, mean and std leave the state dict as it is; the digest must not."""
+    base = {"arch": "resnet18", "truncate_at": "layer3", "model_kwargs": {}}
+    variants = [{}, {"pool": "max"}, {"final_act": "relu"}, {"img_size": 128}, {"mean": (0.5, 0.5, 0.5)},
+                {"std": (0.25, 0.25, 0.25)}, {"truncate_at": "layer2"}]
+    digests = [TimmEncoder(**{**base, **v}).features_digest() for v in variants]
+    assert len(set(digests)) == len(variants)
+    assert TimmEncoder(**base).features_digest() == digests[0]  # deterministic: a rerun finds its cache
+    k = KimiaNet(weights=None)
+    assert k.features_digest() != KimiaNet(weights=None, mean=(0.7, 0.6, 0.7)).features_digest()
+
+
+def test_extract_with_weights_keys_the_cache_by_cut_options_and_transform(tmp_path):
+    """``histobench extract --weights F`` with the same weights but another pooling or normalisation extracts again into its own folder (before, all three shared one ``timm-file-w-...`` cache entry and the
+    second and third silently got the first one's features); the same options find their cache."""
+    import h5py
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from histobench.cli.app import build_app
+
+    enc = TimmEncoder(arch="resnet18", truncate_at="layer1", model_kwargs={}, img_size=32)
+    torch.manual_seed(0)
+    weights = tmp_path / "w.pt"
+    torch.save(enc.build().state_dict(), weights)
+    base = ["extract", "--task", "tcga-nsclc", "--demo", "--weights", str(weights), "--workdir", str(tmp_path / "work"),
+            "-o", "task.demo_patients=4", "-o", "task.demo_slide_px=1024", "-o", "encoder.arch=resnet18",
+            "-o", "encoder.truncate_at=layer1", "-o", "encoder.model_kwargs={}", "-o", "encoder.img_size=32"]
+    variants = {"plain": [], "max": ["-o", "encoder.pool=max"], "mean": ["-o", "encoder.mean=[0.5,0.5,0.5]"]}
+    root, feats = tmp_path / "work" / "features", {}
+    for name, extra in variants.items():
+        before = set(root.iterdir()) if root.exists() else set()
+        result = CliRunner().invoke(build_app(), [*base, *extra], env={"COLUMNS": "300"})
+        assert result.exit_code == 0, result.output
+        assert " 0 cached" in result.output and "0 slides extracted" not in result.output, result.output
+        (folder,) = set(root.iterdir()) - before  # a folder of its own
+        assert folder.name.startswith("timm-file-w-")
+        first = sorted(folder.glob("*.h5"))[0]
+        with h5py.File(first) as f:
+            feats[name] = (first.name, f["features"][:])
+    assert feats["plain"][0] == feats["max"][0] == feats["mean"][0]  # the same slide in every folder
+    assert (feats["max"][1] >= feats["plain"][1] - 1e-6).all() and (feats["max"][1] > feats["plain"][1] + 1e-3).any()
+    assert not np.allclose(feats["plain"][1], feats["mean"][1])
+    again = CliRunner().invoke(build_app(), base, env={"COLUMNS": "300"})
+    assert again.exit_code == 0 and "0 slides extracted" in again.output, again.output
+
+
 # ------------------------------------------------------------------------------------------ 7.3 KimiaNet
 
 

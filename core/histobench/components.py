@@ -120,6 +120,24 @@ class Encoder(Component):
         """A short human-readable tag of where the weights came from (``random``, a file, a hub id)."""
         return "random"
 
+    def features_digest(self) -> str:
+        """8 hex digits over what shapes this encoder's features besides its weights: every option (architecture,
+        cut, pooling, final activation, model kwargs, ...) and the input transform (size, mean, std). The feature
+        cache key carries it next to the weights hash, so two encoders that differ only there (the same weights
+        cut with another pooling, or normalised otherwise) never share cached features, whatever weights tag
+        the caller chose (a pretraining folder, a weights file)."""
+        import hashlib
+        import json
+
+        try:
+            t = self.transform()
+            transform = [t.size, list(t.mean), list(t.std)]
+        except NotImplementedError:  # grid encoders read patch embeddings, not pixels
+            transform = None
+        blob = json.dumps({"encoder": self.name, "options": self.options.model_dump(mode="json"), "transform": transform},
+                          sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
 
 # --------------------------------------------------------------------------------------------- pretexts
 
