@@ -8,6 +8,8 @@ from pathlib import Path
 from histobench.pipeline.spec import Components, RunSpec
 from histobench.registry import get_component
 
+RESULTS_FILE = "results.json"  # WORKDIR/runs/<run id>/: per-fold and summary metrics, as logged to MLflow
+
 
 def provenance(comps: Components) -> dict[str, str]:
     from histobench import __version__
@@ -33,12 +35,25 @@ def log_evaluation(tracker, spec: RunSpec, comps: Components, manifest, result, 
                    protocol_artifacts: Path | None = None) -> Path:
     """Log an evaluation into the current parent run: a nested run per fold (and seed), the summary metrics
     with CIs, predictions, the resolved config, the split file, the plots, and the files the protocol left in
-    ``protocol_artifacts`` (e.g. fine-tuned weights per fold). Returns the artifact folder."""
+    ``protocol_artifacts`` (e.g. fine-tuned weights per fold). Returns the artifact folder.
+
+    The metrics, predictions and config are written to that folder first (``results.json``,
+    ``predictions.csv``, ``config.json``), so a tracking store that fails while they are logged loses none."""
     from histobench.evaluate.plots import log_evaluation_artifacts
     from histobench.tracking import write_json
 
     task = comps.task
     protocol = comps.protocol.name if comps.protocol is not None else "frozen-mil"
+    summary = {f"{metric}_{stat}": value for metric, st in result.summary.items() for stat, value in st.items()}
+    summary["eval/slides_skipped"] = result.n_skipped
+    # the results reach the disk before the store is called: a store that fails now loses nothing
+    art = Path(spec.workdir) / "runs" / (run_id or "untracked")
+    art.mkdir(parents=True, exist_ok=True)
+    write_json({"run_id": run_id, "task": task.name, "primary_metric": task.primary_metric,
+                "folds": [{"fold": k, "seed_repeat": s, "metrics": m} for m, (k, s) in zip(result.per_fold, result.per_fold_index)],
+                "metrics": {**summary, **(extra_metrics or {})}}, art / RESULTS_FILE)
+    result.predictions.to_csv(art / "predictions.csv", index=False)
+    write_json({"spec": {k: str(v) for k, v in spec.__dict__.items()}, "resolved": comps.resolved()}, art / "config.json")
     tracker.tags({"histobench.split_hash": splits.hash, "histobench.split_name": splits.name,
                   "histobench.split_leaks": result.n_leaks, "histobench.protocol": protocol,
                   **{f"histobench.estimator.{k}": v for k, v in result.estimator_labels().items()}})
@@ -47,13 +62,7 @@ def log_evaluation(tracker, spec: RunSpec, comps: Components, manifest, result, 
         with tracker.run(task.name, name, stage="fold", nested=True):
             tracker.params({"fold": k, "seed_repeat": s, "split_hash": splits.hash})
             tracker.metrics(fold_metrics)
-    summary = {f"{metric}_{stat}": value for metric, st in result.summary.items() for stat, value in st.items()}
-    summary["eval/slides_skipped"] = result.n_skipped
     tracker.metrics({**summary, **(extra_metrics or {})})
-    art = Path(spec.workdir) / "runs" / (run_id or "untracked")
-    art.mkdir(parents=True, exist_ok=True)
-    result.predictions.to_csv(art / "predictions.csv", index=False)
-    write_json({"spec": {k: str(v) for k, v in spec.__dict__.items()}, "resolved": comps.resolved()}, art / "config.json")
     tracker.artifact(art / "predictions.csv")
     tracker.artifact(art / "config.json")
     tracker.artifact(Path(spec.workdir) / "splits" / f"{task.name}-{splits.name}-{splits.hash}.csv", "splits")

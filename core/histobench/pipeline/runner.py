@@ -21,6 +21,8 @@ class RunResult:
     primary_metric: str
     seconds: float
     tracking_uri: str
+    journal: Path | None = None  # WORKDIR/runs/<run id>/journal.jsonl: every call made to the tracking store
+    offline: bool = False  # the store failed mid-run: results are on disk, the journal waits for the next run
 
 
 def run(spec: RunSpec, reporter: Reporter | None = None) -> RunResult:
@@ -46,7 +48,9 @@ def run(spec: RunSpec, reporter: Reporter | None = None) -> RunResult:
         from histobench.cohorts.manifest import data_root
 
         data_root(spec.data_root)
-    tracker = Tracker(spec.tracking_uri, enabled=spec.track and rank == 0)
+    # the store is checked (and pending journals replayed) when the parent run starts, before any compute
+    tracker = Tracker(spec.tracking_uri, enabled=spec.track and rank == 0, journal_dir=Path(spec.workdir) / "runs",
+                      reporter=reporter)
     task = comps.task
     pretext_name = comps.pretext.name if comps.pretext else NO_PRETEXT
     run_name = f"{pretext_name}+{comps.encoder.name}+{comps.aggregator.name}" + ("-demo" if spec.demo else "")
@@ -101,4 +105,5 @@ def run(spec: RunSpec, reporter: Reporter | None = None) -> RunResult:
         log_evaluation(tracker, spec, comps, manifest, result, splits, features.root, run_id,
                        extra_metrics={"wall_seconds": time.perf_counter() - t0, **pin.metrics},
                        protocol_artifacts=protocol_dir)
-    return RunResult(run_id, result.per_fold, result.summary, task.primary_metric, time.perf_counter() - t0, tracker.uri)
+    return RunResult(run_id, result.per_fold, result.summary, task.primary_metric, time.perf_counter() - t0, tracker.uri,
+                     journal=tracker.journal_path, offline=tracker.offline)
