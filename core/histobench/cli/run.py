@@ -11,9 +11,10 @@ from rich.table import Table
 from histobench.cli.common import (AggregatorOpt, AllowOutsideOpt, DataRootOpt, DemoOpt, DeviceOpt, EncoderOpt, FailFastOpt, LeakyOpt,
                                    OptionsOpt, PretextOpt, PretrainManifestOpt, PretrainTaskOpt, ProtocolOpt, SeedOpt,
                                    SegmenterOpt, SplitOpt, TaskOpt, TextEncoderOpt, TrackingOpt, WorkdirOpt, console,
-                                   is_rank_zero, reporter)
+                                   err_console, is_rank_zero, reporter)
 
 DEFAULT_WORKDIR = Path("histobench-work")
+EXIT_NOT_LOGGED = 3  # `run` finished, but the tracking store failed mid-run: results wait in the run's journal
 
 
 def _spec(task, pretext, encoder, aggregator, option, demo, seed, workdir, data_root, tracking_uri, device, track=True,
@@ -102,6 +103,11 @@ def run_cmd(
         return
     print_result(result.per_fold, result.summary, result.primary_metric,
                  f"{task} · pretext {pretext} · {result.seconds:.0f} s")
+    if result.offline:  # results computed and on disk; the store has part of the run, the journal the rest
+        err_console.print(f"[yellow]warning:[/] tracking store {result.tracking_uri} failed during the run: results "
+                          f"are in {result.journal.parent}; the next histobench run on this store logs them "
+                          f"(exit code {EXIT_NOT_LOGGED})", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_NOT_LOGGED)
     if result.run_id:
         console.print(f"MLflow run [bold]{result.run_id}[/] at {result.tracking_uri}", highlight=False)
 
@@ -121,6 +127,7 @@ def pretrain_cmd(
     text_encoder: TextEncoderOpt = None,
     pretrain_task: PretrainTaskOpt = None,
     pretrain_manifest: PretrainManifestOpt = None,
+    fail_fast: FailFastOpt = False,
 ) -> None:
     """Only pretrain: tile the task's cohort (or --pretrain-task/--pretrain-manifest) and train the pretext;
     prints the encoder weights file."""
@@ -130,7 +137,7 @@ def pretrain_cmd(
     if pretext == "none":
         raise HistobenchError("pretrain needs --pretext")
     spec = _spec(task, pretext, encoder, None, option, demo, seed, workdir, data_root, None, device, track=False,
-                 allow_outside_data_root=allow_outside_data_root,
+                 allow_outside_data_root=allow_outside_data_root, fail_fast=fail_fast,
                  segmenter=segmenter, text_encoder=text_encoder, pretrain_task=pretrain_task,
                  pretrain_manifest=pretrain_manifest)
     rep = reporter()
@@ -153,6 +160,7 @@ def extract_cmd(
     data_root: DataRootOpt = None,
     allow_outside_data_root: AllowOutsideOpt = False,
     device: DeviceOpt = None,
+    fail_fast: FailFastOpt = False,
 ) -> None:
     """Only extract: encode the task's tiles into one HDF5 file per slide; prints the folder."""
     import torch
@@ -161,7 +169,7 @@ def extract_cmd(
     from histobench.pipeline import cohort_inputs, encode_cohort, load_cohort, resolve
 
     spec = _spec(task, "none", encoder, None, option, demo, seed, workdir, data_root, None, device, track=False,
-                 allow_outside_data_root=allow_outside_data_root)
+                 allow_outside_data_root=allow_outside_data_root, fail_fast=fail_fast)
     rep = reporter()
     comps = resolve(spec)
     torch.manual_seed(seed)
