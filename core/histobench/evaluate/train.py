@@ -19,6 +19,7 @@ import numpy as np
 from histobench.device import resolve_device
 
 from histobench.evaluate.options import EvalOptions
+from histobench.faults import fault_point
 from histobench.pretrain.schedules import cosine_schedule
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -163,6 +164,7 @@ def fit_aggregator(
                 step += 1
             if log is not None:
                 log(epoch, total / len(data))
+            fault_point("evaluate.epoch")  # histobench.faults: the fault suite's "kill mid-fold"
     module.eval()
     return module
 

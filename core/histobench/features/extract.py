@@ -7,7 +7,9 @@ before the features of batch k are read back, so the device never waits for the 
 Each slide's features ``[N, D]`` go to a temporary file batch by batch, renamed to ``<slide_id>.h5`` when
 its last tile is encoded: memory does not grow with slide size, and a crash leaves no partial file. Slides whose file is already complete (same
 encoder, weights hash, µm/px and tile size) are skipped; under ``torchrun`` slide ``i`` goes to rank
-``i % world`` and each rank writes only its own slides.
+``i % world`` and each rank writes only its own slides. Each file is written under its lock
+(:mod:`histobench.locks`): slides that another process is writing are left to it and waited for at the end,
+and one it did not finish (it died) is done here.
 
 Decoding (``decode=``): openslide, or the direct JPEG-tile path of :mod:`histobench.slides.jpegtiles` (tiled JPEG
 TIFF slides: Aperio SVS, generic pyramidal TIFF) decoded with libjpeg-turbo in the workers, or, on CUDA, for
@@ -28,7 +30,9 @@ from histobench import __version__
 from histobench.components import InputTransform
 from histobench.device import channels_last, resolve_device
 from histobench.errors import HistobenchError
+from histobench.faults import fault_point
 from histobench.features.cache import FeatureWriter, is_complete
+from histobench.locks import OutputLock
 from histobench.pretrain.data import SlideTileDataset, SlideTiles, collate_tiles
 from histobench.reporting import Reporter
 
@@ -108,6 +112,7 @@ def extract_features(
     use_bf16 = dev.type == "cuda"
     out_dir = Path(out_dir)
     paths: dict[str, Path] = {}
+    expected: dict[str, dict[str, Any]] = {}
     todo: list[SlideTiles] = []
     skipped = 0
     for i, s in enumerate(slides):
@@ -115,11 +120,11 @@ def extract_features(
         paths[s.slide_id] = path
         attrs = {"encoder": encoder_name, "weights_hash": weights, "mpp": s.tiles.mpp, "tile_size": s.tiles.tile_size,
                  "slide_fingerprint": s.tiles.source}
+        expected[s.slide_id] = attrs
         if is_complete(path, attrs):
             skipped += 1
         elif i % world == rank:
             todo.append(s)
-    n_tiles = sum(len(s.tiles) for s in todo)
     t0 = time.perf_counter()
 
     def writer(slide: SlideTiles) -> FeatureWriter:
@@ -129,51 +134,92 @@ def extract_features(
             "slide_fingerprint": slide.tiles.source,
         }, dim=getattr(encoder, "embed_dim", None))
 
-    # One loader over every tile of every slide to do, in order: workers stay busy across slide boundaries,
-    # and a slide's file is written as soon as its last tile is encoded.
     cuda = dev.type == "cuda"
     if decode == "nvjpeg" and not cuda:
         raise HistobenchError(f"decode='nvjpeg' decodes on the GPU and needs a CUDA device, not {dev}")
-    reasons: dict[int, str] = {}
-    mode, stream_slides = _dataset_mode(decode, cuda, todo, reporter, dev, reasons)
-    dataset = SlideTileDataset(todo, max_open=2, decode=mode, stream_slides=stream_slides, jpeg_reasons=reasons)
-    nvjpeg = mode == "jpeg-bytes"
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
-                                         pin_memory=cuda, prefetch_factor=4 if num_workers else None,
-                                         persistent_workers=False, collate_fn=collate_tiles if nvjpeg else None)
-    copy_stream = torch.cuda.Stream(dev) if cuda else None
-    gpu_decode = _GpuDecoder(dev, reporter) if nvjpeg else None
-    # The slide being written: its rows go to its file batch by batch (memory does not grow with slide size),
-    # and the file is renamed into place when the first tile of a later slide arrives (or at the end).
-    state: dict[str, Any] = {"current": 0, "writer": writer(todo[0]) if todo else None}
 
-    def next_slide() -> None:
-        state["writer"].close()
-        state["current"] += 1
-        state["writer"] = writer(todo[state["current"]]) if state["current"] < len(todo) else None
+    def encode(todo: list[SlideTiles], locks: dict[str, OutputLock]) -> int:
+        """Encode ``todo`` (their locks held), each file renamed into place and unlocked when complete."""
+        n_tiles = sum(len(s.tiles) for s in todo)
+        # One loader over every tile of every slide to do, in order: workers stay busy across slide boundaries,
+        # and a slide's file is written as soon as its last tile is encoded.
+        reasons: dict[int, str] = {}
+        mode, stream_slides = _dataset_mode(decode, cuda, todo, reporter, dev, reasons)
+        dataset = SlideTileDataset(todo, max_open=2, decode=mode, stream_slides=stream_slides, jpeg_reasons=reasons)
+        nvjpeg = mode == "jpeg-bytes"
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
+                                             pin_memory=cuda, prefetch_factor=4 if num_workers else None,
+                                             persistent_workers=False, collate_fn=collate_tiles if nvjpeg else None)
+        copy_stream = torch.cuda.Stream(dev) if cuda else None
+        gpu_decode = _GpuDecoder(dev, reporter) if nvjpeg else None
+        # The slide being written: its rows go to its file batch by batch (memory does not grow with slide size),
+        # and the file is renamed into place when the first tile of a later slide arrives (or at the end).
+        state: dict[str, Any] = {"current": 0, "writer": writer(todo[0]) if todo else None}
 
-    def consume(f, ready, slide_idx: np.ndarray) -> None:
-        if ready is not None:
-            ready.synchronize()
-        f = f.numpy()
-        for s_i in np.unique(slide_idx):
-            while state["current"] < s_i:  # slides before s_i are complete (slides without tiles are written empty)
+        def next_slide() -> None:
+            state["writer"].close()
+            locks.pop(todo[state["current"]].slide_id).release()
+            state["current"] += 1
+            state["writer"] = writer(todo[state["current"]]) if state["current"] < len(todo) else None
+
+        def consume(f, ready, slide_idx: np.ndarray) -> None:
+            if ready is not None:
+                ready.synchronize()
+            f = f.numpy()
+            for s_i in np.unique(slide_idx):
+                while state["current"] < s_i:  # slides before s_i are complete (slides without tiles are written empty)
+                    next_slide()
+                state["writer"].append(f[slide_idx == s_i])
+                fault_point("extract.batch")  # rows of an unfinished feature file are written
+
+        try:
+            done = _extract_batches(loader, encoder, transform, dev, use_bf16, copy_stream, gpu_decode, consume,
+                                    reporter.stage(f"extract {encoder_name}", total=n_tiles, unit="tiles"))
+            while state["current"] < len(todo):
                 next_slide()
-            state["writer"].append(f[slide_idx == s_i])
+        except BaseException:
+            if state["writer"] is not None:
+                state["writer"].abort()  # the slide being written leaves no temporary file; finished ones stay
+            raise
+        return done
 
+    # Each slide's file is made under its lock (histobench.locks): slides another process is writing are left
+    # to it and waited for at the end; one it did not finish (it died) is done here, in a next round.
+    locks: dict[str, OutputLock] = {}
+    done_tiles, extracted, pending = 0, 0, list(todo)
     try:
-        done_tiles = _extract_batches(loader, encoder, transform, dev, use_bf16, copy_stream, gpu_decode, consume,
-                                      reporter.stage(f"extract {encoder_name}", total=n_tiles, unit="tiles"))
-        while state["current"] < len(todo):
-            next_slide()
-    except BaseException:
-        if state["writer"] is not None:
-            state["writer"].abort()  # the slide being written leaves no temporary file; finished ones stay
-        raise
+        while pending:
+            mine, busy = [], []
+            for s in pending:
+                lock = locks.get(s.slide_id) or OutputLock(paths[s.slide_id], reporter)
+                if not lock.try_acquire():
+                    busy.append(s)
+                elif is_complete(paths[s.slide_id], expected[s.slide_id]):  # finished meanwhile by another process
+                    lock.release()
+                    locks.pop(s.slide_id, None)
+                    skipped += 1
+                else:
+                    locks[s.slide_id] = lock
+                    mine.append(s)
+            if mine:
+                done_tiles += encode(mine, locks)
+                extracted += len(mine)
+            pending = []
+            for s in busy:
+                lock = OutputLock(paths[s.slide_id], reporter).acquire()
+                if is_complete(paths[s.slide_id], expected[s.slide_id]):
+                    lock.release()
+                    skipped += 1
+                else:
+                    locks[s.slide_id] = lock
+                    pending.append(s)
+    finally:
+        for lock in locks.values():
+            lock.release()
     if world > 1:
         dist.barrier()
     rate = done_tiles / max(time.perf_counter() - t0, 1e-9)
-    return ExtractResult(paths=paths, extracted=len(todo), skipped=skipped, tiles=done_tiles, tiles_per_second=rate)
+    return ExtractResult(paths=paths, extracted=extracted, skipped=skipped, tiles=done_tiles, tiles_per_second=rate)
 
 
 def _extract_batches(loader, encoder, transform, dev, use_bf16, copy_stream, gpu_decode, consume, stage) -> int:

@@ -212,7 +212,7 @@ def pretrain_stage(spec: RunSpec, comps: Components, slides, reporter: Reporter,
         # a second process on the same checkpoint folder waits, then resumes from the finished checkpoint
         result = pretrain(comps.pretext, comps.encoder, data, train, out_dir=out_dir, seed=spec.seed,
                           device=spec.device, reporter=reporter, tracker=tracker, cohort=cohort,
-                          text_encoder=comps.text_encoder, segmentation=seg_info)
+                          text_encoder=comps.text_encoder, segmentation=seg_info, cache_dir=Path(spec.workdir) / "cache")
         if _rank()[0] == 0:
             from histobench.pretrain.trainer import save_atomic
 
@@ -362,6 +362,7 @@ def evaluate_stage(spec: RunSpec, comps: Components, manifest, features, reporte
     the slides' tiles and the encoder module (for protocols that train or re-extract the encoder in each fold).
     """
     from histobench.evaluate.protocols import ProtocolInputs
+    from histobench.faults import fault_point
 
     protocol = comps.protocol
     need = type(protocol).inputs
@@ -383,6 +384,10 @@ def evaluate_stage(spec: RunSpec, comps: Components, manifest, features, reporte
                          extract=extract, device=spec.device, artifacts=artifacts)
     with reporter.stage(f"evaluate {protocol.name} {comps.aggregator.name}", total=splits.folds * comps.eval.seeds,
                         unit="folds") as st:
-        pin.progress = lambda *_: st.advance()
+        def progress(*_):
+            st.advance()
+            fault_point("evaluate.fold")
+
+        pin.progress = progress
         result = protocol.evaluate(pin)
     return result, splits, pin

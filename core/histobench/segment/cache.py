@@ -63,11 +63,19 @@ class SlideWriter:
     Tiles may arrive in any order; every tile of ``coords`` must be added (or failed) before ``close``.
     """
 
-    def __init__(self, path: str | os.PathLike[str], meta: dict[str, Any], coords: np.ndarray, tile_size: int):
+    def __init__(self, path: str | os.PathLike[str], meta: dict[str, Any], coords: np.ndarray, tile_size: int,
+                 reporter: Any = None):
+        from histobench.locks import OutputLock, remove_temporaries
+
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for old in self.path.parent.glob(f".{self.path.name}.*.tmp"):  # left by a killed run
-            old.unlink(missing_ok=True)
+        # One process writes a slide's file (histobench.locks); temporary files of killed writers are removed
+        # only under the lock, never those of a live one. A writer that waited for another process and then
+        # finds the slide's file written by it, for the same segmenter and tiles, keeps that file
+        # (``reused``): its own tiles are dropped, and close() leaves the file as it is.
+        self._lock = OutputLock(self.path, reporter).acquire()
+        self.reused = _written_for(self.path, meta, coords)
+        remove_temporaries(self.path, (".{name}.*.tmp",))
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         os.close(fd)
         self.tmp = Path(tmp)
@@ -82,7 +90,8 @@ class SlideWriter:
         self._zip = zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6)
 
     def _put(self, name: str, arr: np.ndarray) -> None:
-        self._zip.writestr(_member(name), _npy_bytes(arr))
+        if not self.reused:
+            self._zip.writestr(_member(name), _npy_bytes(arr))
 
     def add(self, index: int, instances: np.ndarray, types: np.ndarray | None, table: dict[str, np.ndarray]) -> None:
         """Tile ``index``'s maps (already validated: uint16-able, [tile_size, tile_size]) and its nuclei rows."""
@@ -124,7 +133,11 @@ class SlideWriter:
                 "has_types": has_types, "nuclei": int(len(table["tile"])), "failed": int(len(idx))}
         self._put("meta", np.array(json.dumps(meta, sort_keys=True)))
         self._zip.close()
-        os.replace(self.tmp, self.path)
+        if self.reused:
+            self.tmp.unlink(missing_ok=True)
+        else:
+            os.replace(self.tmp, self.path)
+        self._lock.release()
         return self.path
 
     def abort(self) -> None:
@@ -132,6 +145,20 @@ class SlideWriter:
             self._zip.close()
         finally:
             self.tmp.unlink(missing_ok=True)
+            self._lock.release()
+
+
+def _written_for(path: Path, meta: dict[str, Any], coords: np.ndarray) -> bool:
+    """Whether ``path`` is a whole, valid slide file for the same segmenter setting, slide file and tiles."""
+    if not path.exists():
+        return False
+    try:
+        seg = open_slide_file(path, verify=True)
+    except HistobenchError:
+        return False
+    m = seg.meta
+    return (all(m.get(k) == meta.get(k) for k in ("identity", "slide_id", "tiles_key", "source"))
+            and np.array_equal(seg.coords, np.asarray(coords, dtype=np.int64).reshape(-1, 2)))
 
 
 def slide_meta(segmenter, tiles) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from histobench.errors import HistobenchError
+from histobench.faults import fault_point
 from histobench.slides.reader import Slide
 from histobench.slides.tissue import tissue_mask
 
@@ -86,6 +87,7 @@ class TileSet:
                     tile_size_level0=np.float64(self.tile_size_level0),
                     source=np.array(self.source),
                 )
+            fault_point("tile.rename")
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
