@@ -13,6 +13,7 @@ import math
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -94,16 +95,21 @@ class _Component:
         return InputTransform(size=SIZE)
 
 
-def make_pretext(tmp_path, steps=30, seed=0, **options):
+def make_pretext(tmp_path, steps=30, seed=0, text=None, cache_dir=None, adapter_warning=True, **options):
     torch.manual_seed(seed)
     encoder = TinyCNN()
     pre = HLSS(descriptions=str(descriptions_file(tmp_path / "desc.yaml")), view_size=SIZE, **options)
     images, slide_index, cohort, _, _ = synthetic_cohort()
     ctx = PretrainContext(device=torch.device("cpu"), total_steps=steps, steps_per_epoch=2, epochs=steps // 2,
                           batch_size=B, encoder_component=_Component(), seed=seed, cohort=cohort,
-                          text_encoder=create("text_encoder", "hashing"))
-    with pytest.warns(UserWarning, match="adapter"):
-        pre.setup(encoder, ctx)
+                          text_encoder=text or create("text_encoder", "hashing"), cache_dir=cache_dir)
+    if adapter_warning:
+        with pytest.warns(UserWarning, match="adapter"):
+            pre.setup(encoder, ctx)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            pre.setup(encoder, ctx)
     return pre, images, slide_index, cohort
 
 
@@ -136,6 +142,16 @@ def trained(tmp_path_factory):
     untrained = copy.deepcopy(pre.encoder), copy.deepcopy(pre.heads)
     history = train(pre, images, slide_index, cohort)
     return pre, untrained, history
+
+
+@pytest.fixture(scope="module")
+def seed_histories(trained, tmp_path_factory):
+    """The logged values of five 30-step runs, seeds 0 (``trained``) to 4 (about 3 s each)."""
+    histories = [trained[2]]
+    for seed in range(1, 5):
+        pre, images, slide_index, cohort = make_pretext(tmp_path_factory.mktemp(f"hlss-seed{seed}"), seed=seed)
+        histories.append(train(pre, images, slide_index, cohort, seed=seed))
+    return histories
 
 
 # ------------------------------------------------------------------------------------------ check 1, 2
@@ -262,18 +278,27 @@ def test_check5_heads_start_as_the_text_bank():
 # ------------------------------------------------------------------------------------------ check 6
 
 
-def test_check6_losses_decrease_over_30_steps(trained):
-    _, _, history = trained
-    assert len(history) == 30
-    # measured (lr 1e-3, 30 steps, first 5 vs last 5 steps): patch 3.38 -> 2.94 (-13 %), slide 3.23 -> 3.02 (-6.5 %),
-    # patient 3.24 -> 3.04 (-6.3 %), HA 1.30 -> 0.96 (-26 %). The slide and patient terms fall less than the spec's
-    # example of 10 % on this budget (their positives are other tiles and slides, 30 steps of a tiny CNN): each
-    # term is held to a 5 % drop.
-    for key, drop in (("patch", 0.05), ("slide", 0.05), ("patient", 0.05), ("ha", 0.05)):
-        first = np.mean([h[key] for h in history[:5]])
-        last = np.mean([h[key] for h in history[-5:]])
-        assert last < (1 - drop) * first, (key, first, last)
-    assert all(h["deviation_adapter"] == 1.0 for h in history)  # hashing text: the adapter deviation is logged
+def test_check6_losses_decrease_over_30_steps(seed_histories):
+    """Spec check 6: after 30 CPU steps the mean of the last 5 logged values is below the mean of the first 5, for
+    L_patch, L_slide, L_patient and (``ha_gradient`` on) L_HA, with a drop of about 10 % or more.
+
+    One run's first and last five steps are five batches of 4 of the 9 patients each, so a single run's drop is
+    noisy; measured per seed 0..4 (lr 1e-3): patch 13 / 15 / 12 / 14 / 37 %, slide 6.5 / 13 / 11 / 9.5 / 24 %,
+    patient 6.3 / 14 / 9.6 / 9.3 / 19 %, HA 26 / 48 / 42 / 23 / 16 %. So every run must fall (last < first, every
+    term, every seed), and the 10 % bar is held by the mean drop over the five seeds (measured 18.5, 12.8, 11.7
+    and 30.9 %), not by each run: seed 0 alone gives 6.5 % (slide) and 6.3 % (patient).
+    """
+    drops = {key: [] for key in ("patch", "slide", "patient", "ha")}
+    for seed, history in enumerate(seed_histories):
+        assert len(history) == 30
+        assert all(h["deviation_adapter"] == 1.0 for h in history)  # hashing text: the adapter deviation is logged
+        for key in drops:
+            first = np.mean([h[key] for h in history[:5]])
+            last = np.mean([h[key] for h in history[-5:]])
+            assert last < first, (seed, key, first, last)
+            drops[key].append(1 - last / first)
+    for key, values in drops.items():
+        assert np.mean(values) >= 0.10, (key, [round(v, 3) for v in values])
 
 
 # ------------------------------------------------------------------------------------------ check 7
@@ -374,31 +399,59 @@ def test_nmi_matches_scikit_learn():
     assert nmi(a, a) == pytest.approx(1.0)
 
 
-def test_check9_label_free_emergence(trained):
-    """Assigned patch attribute vs class, against a label-shuffled control, and within- vs between-patient agreement.
-
-    The assignment is the argmax of the patch head's activations *centred over the tile set*. The raw argmax (and
-    the nearest bank row) is one attribute for every tile here, before and after training (NMI 0.0 for the real
-    and the shuffled labels): a random-init CNN's embeddings share one dominant direction, the ``hashing`` text
-    has no joint space with it and 30 steps of the adapter do not create one, so the spec's raw statistic cannot
-    show the paper's direction on this CPU budget. Centred (measured): NMI 0.76 at init -> 0.85 after 30 steps,
-    shuffled control 0.03; same-attribute rate 1.00 within patients vs 0.14 between.
-    """
-    pre, _, _ = trained
+def emergence(pre) -> dict[str, float]:
+    """Spec check 9's statistics on the training cohort: each tile's assigned patch-level attribute (the nearest
+    row of the frozen patch bank to its text-space embedding ``u``, the assignment L_HA uses), its NMI with the
+    class and with label-shuffled classes, and the rate of equal assignments within and between patients."""
     images, slide_index, _, slide_class, patient_of_slide = synthetic_cohort()
-    _, acts = embed_tiles(pre.encoder, pre.heads, images)
-    a = acts["patch"]
-    assign = (a - a.mean(0)).argmax(1).numpy()
+    z, _ = embed_tiles(pre.encoder, pre.heads, images)
+    with torch.no_grad():
+        assign = nearest_attribute(pre.heads.embed(z), pre.heads.bank("patch")).numpy()
     y = slide_class[slide_index]
-    shuffled = np.random.default_rng(0).permutation(y)
-    real, control = nmi(y, assign), nmi(shuffled, assign)
-    assert real > control + 0.3, (real, control)
     patient = patient_of_slide[slide_index]
     same = assign[:, None] == assign[None, :]
     within = patient[:, None] == patient[None, :]
     off_diag = ~np.eye(len(assign), dtype=bool)
-    assert same[within & off_diag].mean() > same[~within].mean() + 0.3, (same[within & off_diag].mean(),
-                                                                         same[~within].mean())
+    return {"nmi": nmi(y, assign), "control": nmi(np.random.default_rng(0).permutation(y), assign),
+            "within": float(same[within & off_diag].mean()), "between": float(same[~within].mean()),
+            "attributes": len(np.unique(assign))}
+
+
+def assert_emergence(stats):
+    assert stats["nmi"] > stats["control"] + 0.3, stats
+    assert stats["within"] > stats["between"] + 0.3, stats
+
+
+def test_check9_label_free_emergence(tmp_path):
+    """Spec check 9 with ``gradient: true`` and L_HA averaged over the views (``ha_reduction=mean``, spec P2).
+
+    Measured after 30 steps (seed 0): NMI(class, attribute) 0.79 vs 0.02 for shuffled labels, 3 attributes in
+    use; the same attribute for 98 % of tile pairs within a patient vs 26 % between (seeds 1 and 2: NMI 0.67 and
+    0.53, controls 0.02 and 0.01). The default (summed) L_HA is the strict xfail below.
+    """
+    pre, images, slide_index, cohort = make_pretext(tmp_path, ha_reduction="mean")
+    train(pre, images, slide_index, cohort)
+    assert_emergence(emergence(pre))
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "with L_HA summed over views (the released code's reduction, the default) and gradient on, every tile is "
+    "assigned the same patch attribute, at init and after 30 or 200 steps: NMI 0.0 for real and shuffled labels"))
+def test_check9_label_free_emergence_with_the_summed_alignment(trained):
+    """Spec check 9 as written for the default options (``ha_gradient=true``, ``ha_reduction=sum``).
+
+    At init the random CNN's embeddings share one dominant direction, so through the adapter every tile's nearest
+    attribute is one and the same row; summed over the 32 views of a step, the alignment term (about 1.3 against
+    3.3 per SupCon level; the softmax is over only 64 coordinates of the ``hashing`` space, where CLIP's 1024 make
+    it about 16 times smaller per view, spec P2) pulls every view towards that one row, and the assignment never
+    spreads (measured: 1 attribute, NMI 0.0 vs 0.0, same-attribute rate 1.0 within and between patients, after
+    30 and after 200 steps, seeds 0 and 1). Without the alignment gradient (``ha_gradient=false``, the released
+    code) or averaged over views (the test above) the same run reaches NMI about 0.8. This is a property of the
+    objective at this size, not a shortfall of the CPU budget; the check stays here, expected to fail, so that a
+    change that makes it pass is noticed.
+    """
+    pre, _, _ = trained
+    assert_emergence(emergence(pre))
 
 
 def test_check10_trained_beats_untrained_at_patch_level(trained):

@@ -14,6 +14,12 @@ instances of ``V`` views by a reshape: patch ``[B*S*P, T]``, slide ``[B*S, P*T]`
   ties to the lowest index), then ``½ [KL(p‖q) + KL(q‖p)]`` between softmaxes over the *feature coordinates*
   of the view's embedding and of that attribute vector, summed over views. With ``gradient=False`` it is the
   released code's value (taken with ``.item()``): logged and added, but no gradient flows.
+  The spec's open points (§5 P2, P3) are options, with the released code's choices as defaults:
+  ``reduction`` ``sum`` (code: the term grows with the global batch) or ``mean`` (over the matched vectors);
+  ``temperature`` of both softmaxes (code: 1); ``match`` ``per_view`` (code: every view is matched, the slide
+  and patient terms differ only in the bank searched) or ``group_mean`` (the figure's other reading: each
+  level's instance -- a tile's ``T`` views, a slide's ``P*T``, a patient's ``S*P*T`` -- is pooled, the mean of
+  its unit views re-normalised [ours], and the pooled vector is matched and aligned once).
 * :func:`gather_with_grad`: the all-gather that makes the contrastive batch global under ``torchrun`` (each
   rank computes the loss on the whole batch; gradients flow back to each rank's own slice).
 """
@@ -75,19 +81,33 @@ def nearest_attribute(u: "torch.Tensor", bank: "torch.Tensor") -> "torch.Tensor"
     return sims.argmax(dim=1)
 
 
-def symmetric_kl(z: "torch.Tensor", t: "torch.Tensor") -> "torch.Tensor":
-    """Per row ``½ [KL(softmax z ‖ softmax t) + KL(softmax t ‖ softmax z)]`` over the feature coordinates."""
+def symmetric_kl(z: "torch.Tensor", t: "torch.Tensor", temperature: float = 1.0) -> "torch.Tensor":
+    """Per row ``½ [KL(p ‖ q) + KL(q ‖ p)]``, ``p = softmax(z / temperature)``, ``q = softmax(t / temperature)``
+    over the feature coordinates."""
     import torch
 
-    lp, lq = torch.log_softmax(z.float(), dim=1), torch.log_softmax(t.float(), dim=1)
+    lp = torch.log_softmax(z.float() / temperature, dim=1)
+    lq = torch.log_softmax(t.float() / temperature, dim=1)
     p, q = lp.exp(), lq.exp()
     return 0.5 * ((p * (lp - lq)).sum(1) + (q * (lq - lp)).sum(1))
 
 
-def alignment_kl(u: "torch.Tensor", bank: "torch.Tensor", gradient: bool = True) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """HA for one level: ``(sum over views of the symmetric KL to the nearest attribute, chosen indices)``."""
+def pool_groups(u: "torch.Tensor", level: str, shape: tuple[int, int, int, int]) -> "torch.Tensor":
+    """``match = group_mean``: one unit vector per instance of ``level``, the re-normalised mean of its views."""
+    import torch
+
+    return torch.nn.functional.normalize(group(u, level, shape).mean(dim=1), dim=1)
+
+
+def alignment_kl(u: "torch.Tensor", bank: "torch.Tensor", gradient: bool = True, *, reduction: str = "sum",
+                 temperature: float = 1.0) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """HA for one level: ``(symmetric KL of each row of u to its nearest attribute, summed or averaged; the
+    chosen indices)``."""
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', not {reduction!r}")
     idx = nearest_attribute(u, bank)
-    kl = symmetric_kl(u, bank[idx].to(u.dtype)).sum()
+    per_row = symmetric_kl(u, bank[idx].to(u.dtype), temperature)
+    kl = per_row.sum() if reduction == "sum" else per_row.mean()
     return (kl if gradient else kl.detach()), idx
 
 
@@ -106,14 +126,18 @@ def gather_with_grad(x: "torch.Tensor") -> "torch.Tensor":
 
 def hlss_loss(u: "torch.Tensor", heads: dict[str, "torch.Tensor"], banks: dict[str, "torch.Tensor"],
               shape: tuple[int, int, int, int], *, tau: float = 0.07, base_tau: float = 0.07,
-              lambdas: dict[str, float] | None = None, ha_weight: float = 1.0, ha_gradient: bool = True) -> dict:
+              lambdas: dict[str, float] | None = None, ha_weight: float = 1.0, ha_gradient: bool = True,
+              ha_match: str = "per_view", ha_reduction: str = "sum", ha_temperature: float = 1.0) -> dict:
     """The HLSS objective on (already gathered) rows in ``[B, S, P, T]`` order.
 
     ``u`` ``[N, D_t]`` are the embeddings in the text space (the backbone's ``z``, or the adapter's output),
     ``heads[level]`` ``[N, K_level]`` the L2-normalised head outputs, ``banks[level]`` the frozen text banks.
-    Returns ``loss`` (``L_HVC + ha_weight * L_HA``) and the detached terms ``patch``, ``slide``, ``patient``,
-    ``hvc``, ``ha_patch``, ``ha_slide``, ``ha_patient``, ``ha``.
+    ``ha_match`` (``per_view`` | ``group_mean``), ``ha_reduction`` (``sum`` | ``mean``) and ``ha_temperature``
+    shape the alignment term (module docstring). Returns ``loss`` (``L_HVC + ha_weight * L_HA``) and the
+    detached terms ``patch``, ``slide``, ``patient``, ``hvc``, ``ha_patch``, ``ha_slide``, ``ha_patient``, ``ha``.
     """
+    if ha_match not in ("per_view", "group_mean"):
+        raise ValueError(f"ha_match must be 'per_view' or 'group_mean', not {ha_match!r}")
     lambdas = lambdas or {lvl: 1.0 for lvl in LEVELS}
     out: dict = {}
     hvc = 0.0
@@ -123,7 +147,9 @@ def hlss_loss(u: "torch.Tensor", heads: dict[str, "torch.Tensor"], banks: dict[s
         hvc = hvc + lambdas[lvl] * term
     ha = 0.0
     for lvl in LEVELS:
-        kl, _ = alignment_kl(u, banks[lvl], gradient=ha_gradient)
+        rows = u if ha_match == "per_view" else pool_groups(u, lvl, shape)
+        kl, _ = alignment_kl(rows, banks[lvl], gradient=ha_gradient, reduction=ha_reduction,
+                             temperature=ha_temperature)
         out[f"ha_{lvl}"] = kl.detach()
         ha = ha + kl
     out["hvc"] = hvc.detach()

@@ -15,8 +15,14 @@ nearest attribute, summed; with gradient by default, ``ha_gradient=false`` for t
 
 Text banks: in ``setup``, from ``ctx.text_encoder`` and the descriptions of the task whose cohort is pretrained
 on (``ctx.cohort.task``) or ``descriptions`` (a shipped task name or a file), via
-:func:`histobench_hlss.textbank.text_banks`. A cohort that names no task (synthetic contract checks) uses a small
-generic H&E set written here, with a warning.
+:func:`histobench_hlss.textbank.text_banks`, cached in the work directory (``ctx.cache_dir/textbanks``, one file
+per descriptions hash and text-encoder identity, hash-checked on load), so the text tower runs once per pair.
+A cohort that names no task (synthetic contract checks) uses a small generic H&E set written here, with a warning.
+
+Open points of the spec, as options with the released code's choices as defaults: ``ha_match`` (``per_view`` |
+``group_mean``, P3), ``ha_reduction`` (``sum`` | ``mean``, P2), ``ha_temperature`` (1, P2), and
+``balance_labels``, a labels CSV that turns on the class-balanced replication of patients (P9,
+:mod:`~histobench_hlss.balance`). A patient of the cohort without tiles is an error naming it.
 
 Views (spec §2.1, the H&E-sensible part of the released list, each drawn per image with p = ``aug_p`` (0.5; the
 released config's 0.3 is never read, P7)): a random resized crop (scale 0.08-1, else a plain resize), horizontal
@@ -35,6 +41,7 @@ the paper's 40,000 "epochs" of a few steps each become ``train.epochs`` passes o
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
@@ -113,11 +120,37 @@ class HLSS(Pretext):
         heads_trainable: bool = Field(True, description="Train the text-initialised heads (HLSS: yes).")
         adapter: Literal["auto", "on", "off"] = Field("auto", description="Adapter Linear(d_v -> d_t): auto = when "
                                                       "the text encoder does not share the image space.")
+        ha_match: Literal["per_view", "group_mean"] = Field(
+            "per_view", description="L_HA matching: every view (released code) or, per level, the re-normalised mean "
+            "of each tile's / slide's / patient's views (spec P3).")
+        ha_reduction: Literal["sum", "mean"] = Field(
+            "sum", description="L_HA over the matched vectors: sum (released code; grows with the batch) or mean (P2).")
+        ha_temperature: float = Field(1.0, gt=0, description="Temperature of L_HA's softmaxes over the feature "
+                                      "coordinates (released code: 1).")
+        balance_labels: str | None = Field(None, description="CSV with label and case_id (or slide_id) columns, e.g. "
+                                           "the task's manifest: replicate patients per class up to the largest "
+                                           "class (HiDisc/HLSS balance_study_per_class; uses labels, spec P9).")
 
     # ----------------------------------------------------------------------------------------- shape
 
     def hierarchy_shape(self) -> tuple[int, int]:
         return (self.options.slides, self.options.patches)
+
+    def batch_sampler(self, dataset: Any, cohort: Any, batch_size: int, seed: int) -> Any:
+        """The core's whole-patient sampler; a patient without tiles is an error naming it; with
+        ``balance_labels``, the patients are replicated per class (:mod:`~histobench_hlss.balance`)."""
+        sampler = super().batch_sampler(dataset, cohort, batch_size, seed)
+        empty = list(getattr(sampler, "empty_patients", ()))
+        if empty:
+            slides = [sid for sid, pid in zip(cohort.slide_ids, cohort.patient_ids) if pid == empty[0]]
+            more = f" (and {len(empty) - 1} more patients)" if len(empty) > 1 else ""
+            raise HistobenchError(f"hlss: patient {empty[0]!r} has no tiles in its slides ({', '.join(slides)}){more}; "
+                                  f"remove it from the cohort or check its tissue masks")
+        if self.options.balance_labels:
+            from histobench_hlss.balance import balance_sampler, patient_classes
+
+            sampler = balance_sampler(sampler, patient_classes(self.options.balance_labels, cohort), seed)
+        return sampler
 
     # ----------------------------------------------------------------------------------------- setup
 
@@ -148,12 +181,13 @@ class HLSS(Pretext):
             raise HistobenchError("hlss requires a text encoder (--text-encoder NAME)")
         self.ctx, self.encoder = ctx, encoder
         desc = self.descriptions_for(ctx.cohort.task if ctx.cohort is not None else None)
-        banks = text_banks(desc, ctx.text_encoder, ctx.extra.get("text_bank_dir"))
+        cache_dir = getattr(ctx, "cache_dir", None)
+        banks = text_banks(desc, ctx.text_encoder, Path(cache_dir) / "textbanks" if cache_dir is not None else None)
         self.bank_names = {lvl: list(banks[lvl].names) for lvl in LEVELS}
         self.descriptions_task, self.descriptions_sha256 = desc.task, desc.sha256
         vectors = {lvl: banks[lvl].vectors.float() for lvl in LEVELS}
         d_v, d_t = int(encoder.embed_dim), int(vectors["patch"].shape[1])
-        shares = bool(type(ctx.text_encoder).shares_image_space)
+        shares = bool(ctx.text_encoder.shares_image_space)  # the instance's: a ``cached`` bank knows its writer's
         use_adapter = o.adapter == "on" or (o.adapter == "auto" and (not shares or d_v != d_t))
         if not use_adapter and d_v != d_t:
             raise HistobenchError(f"hlss: the image embedding ({d_v}) and the text space ({d_t}) differ; "
@@ -210,7 +244,8 @@ class HLSS(Pretext):
         out = hlss_loss(u, heads, {lvl: self.heads.bank(lvl) for lvl in LEVELS}, (b, o.slides, o.patches, o.views),
                         tau=o.tau, base_tau=o.base_tau,
                         lambdas={"patch": o.lambda_patch, "slide": o.lambda_slide, "patient": o.lambda_patient},
-                        ha_weight=o.ha_weight, ha_gradient=o.ha_gradient)
+                        ha_weight=o.ha_weight, ha_gradient=o.ha_gradient, ha_match=o.ha_match,
+                        ha_reduction=o.ha_reduction, ha_temperature=o.ha_temperature)
         out["deviation_adapter"] = 1.0 if self.adapter_used else 0.0  # logged (train/deviation_adapter): 1 = the adapter, not in the paper
         return out
 
