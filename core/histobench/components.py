@@ -197,7 +197,8 @@ class PretrainContext:
 
     ``cohort`` names the slides and patients of the training data (no labels); ``text_encoder`` is the
     resolved :class:`TextEncoder` when the pretext requires ``text``; ``segmentation`` describes the nuclei
-    masks' source (segmenter identity, type ids) when it requires ``masks``.
+    masks' source (segmenter identity, type ids) when it requires ``masks``; ``cache_dir`` is a folder of the
+    work directory for files a pretext may reuse across runs (e.g. HLSS's text banks), ``None`` outside a run.
     """
 
     device: "torch.device"
@@ -213,6 +214,7 @@ class PretrainContext:
     cohort: CohortMeta | None = None
     text_encoder: "TextEncoder | None" = None
     segmentation: dict[str, Any] = field(default_factory=dict)
+    cache_dir: Path | None = None
 
 
 class Pretext(Component):

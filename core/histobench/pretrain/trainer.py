@@ -223,6 +223,7 @@ def pretrain(
     cohort: CohortMeta | None = None,
     text_encoder: Any = None,
     segmentation: dict[str, Any] | None = None,
+    cache_dir: Path | None = None,
 ) -> PretrainResult:
     """Train ``pretext`` on ``dataset``.
 
@@ -230,7 +231,7 @@ def pretrain(
     for what batches hold). ``x`` is a uint8 tile ``[3, S, S]``, or whatever the dataset's ``input_key``
     attribute names (``grids``: float patch-embedding grids ``[D, h, w]`` for region-level pretexts).
     ``cohort`` names the dataset's slides and their patients (default: one patient per slide);
-    ``text_encoder`` and ``segmentation`` are handed to the pretext in its context.
+    ``text_encoder``, ``segmentation`` and ``cache_dir`` are handed to the pretext in its context.
 
     ``out_dir`` holds ``checkpoint.pt``; with ``resume`` an existing checkpoint there is continued.
     ``max_steps`` stops early (used to test resume); the schedules still span the full run.
@@ -265,7 +266,7 @@ def pretrain(
     ctx = PretrainContext(device=dev, total_steps=total, steps_per_epoch=steps_per_epoch, epochs=opts.epochs,
                           batch_size=opts.batch_size, encoder_component=encoder_component, seed=seed,
                           world_size=world, rank=rank, cohort=cohort, text_encoder=text_encoder,
-                          segmentation=dict(segmentation or {}))
+                          segmentation=dict(segmentation or {}), cache_dir=cache_dir)
     pretext.setup(encoder, ctx)
     modules = pretext.student_modules()
     groups = _param_groups(modules)
