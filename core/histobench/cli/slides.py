@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from histobench.cli.common import console, err_console, handle_errors
+from histobench.cli.output import FormatOpt, OutputFormat, print_json
 
 app = typer.Typer(help="Inspect and tile single whole-slide images.", no_args_is_help=True)
 
@@ -22,6 +23,7 @@ MppOpt = Annotated[Optional[float], typer.Option("--slide-mpp", help="Override t
 def info_cmd(
     path: PathArg,
     slide_mpp: Annotated[Optional[float], typer.Option("--mpp", "--slide-mpp", help="Override the slide's level-0 µm/px.")] = None,
+    fmt: FormatOpt = OutputFormat.table,
 ) -> None:
     """Vendor, pyramid levels, dimensions, µm/px, magnification and associated images of a slide."""
     from histobench.slides.reader import open_slide
@@ -31,6 +33,9 @@ def info_cmd(
         info = slide.info()
         thumb, _ = slide.thumbnail(256)
         kind = slide_kind(thumb)
+    if fmt == OutputFormat.json:
+        print_json({**info, "path": str(info["path"]), "stain": kind})
+        return
     mpp = f"{info['mpp']:.4g} ({info['mpp_source']})" if info["mpp"] else "unknown (pass --slide-mpp)"
     mag = f"{info['magnification']:g}x ({info['magnification_source']})" if info["magnification"] else "unknown"
     console.print(Text(str(info["path"]), style="bold"), highlight=False)  # a file name is text, not markup
