@@ -271,6 +271,12 @@ def test_kimianet_loader_maps_the_dataparallel_layout(tmp_path):
         expected = torch.nn.functional.batch_norm(maps, norm5.running_mean, norm5.running_var, norm5.weight, norm5.bias,
                                                   False, 0.0, norm5.eps).mean((2, 3))
     assert (out - expected).abs().max().item() <= 1e-5
+    relu = KimiaNet(weights=str(path), final_act="relu").build().eval()  # 7.3: with relu, no output is negative
+    with torch.no_grad():
+        out_relu = relu(x)
+    assert (out_relu >= 0).all() and torch.allclose(out_relu, torch.nn.functional.relu(
+        torch.nn.functional.batch_norm(maps, norm5.running_mean, norm5.running_var, norm5.weight, norm5.bias, False, 0.0,
+                                       norm5.eps)).mean((2, 3)), atol=1e-5)
 
 
 def test_kimianet_errors_name_the_option(tmp_path):
