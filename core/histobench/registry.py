@@ -33,10 +33,14 @@ def _failure(kind: str, cls: type, plugin: str, what: str, err: BaseException) -
     return ComponentBuildError(f"{kind.replace('_', ' ')} {cls.name!r} of plugin {plugin!r} failed to {what}: {detail}")
 
 
+_PLUGIN_OF: dict[type, str] = {}  # component class -> the plugin that registered it
+
+
 def _guard(kind: str, cls: type, plugin: str) -> None:
     """Wrap ``cls``'s own build/setup methods (once) so that a plugin's exception names the plugin."""
     import functools
 
+    _PLUGIN_OF[cls] = plugin
     for method in BUILD_METHODS:
         fn = cls.__dict__.get(method)
         if fn is None or not callable(fn) or getattr(fn, "_histobench_guarded", False):
@@ -48,7 +52,7 @@ def _guard(kind: str, cls: type, plugin: str) -> None:
             except HistobenchError:
                 raise
             except Exception as err:
-                raise _failure(kind, type(self), plugin, _method, err) from err
+                raise _failure(kind, type(self), _PLUGIN_OF.get(type(self), plugin), _method, err) from err
 
         functools.update_wrapper(guarded, fn)
         guarded._histobench_guarded = True  # type: ignore[attr-defined]

@@ -110,11 +110,15 @@ def check_cmd(
         comp = create("task", task)
     if not manifest.exists():
         raise HistobenchError(f"manifest {manifest} does not exist")
-    df = pd.read_csv(manifest, dtype={"slide_id": str, "case_id": str, "path": str})
+    try:
+        df = pd.read_csv(manifest, dtype={"slide_id": str, "case_id": str, "path": str})
+    except Exception as exc:  # pandas raises several kinds on a file that is not a CSV
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise HistobenchError(f"manifest {manifest} is not a readable CSV: {first}") from None
     from histobench.cohorts.manifest import check_paths
 
     table = StatusTable()
-    good, problems = validate_manifest_rows(df, comp)
+    good, problems = validate_manifest_rows(df, comp, source=f"manifest {manifest}")
     joined = good.assign(path=[str(p if Path(p).is_absolute() else manifest.parent / p) for p in good["path"].astype(str)])
     check_paths(joined, [manifest.parent, data_root], allow_outside=allow_outside_data_root,
                 source=f"manifest {manifest}")

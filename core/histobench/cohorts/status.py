@@ -209,18 +209,18 @@ def _missing(v: Any) -> bool:
 
 
 def validate_manifest_rows(df, task: Any = None, *, known_slide_ids: Iterable[str] | None = None,
-                           check_known_ids: bool = True):
+                           check_known_ids: bool = True, source: str | None = None):
     """Split a manifest into usable rows and problems: ``(good_df, [(slide_id, reason), ...])``.
 
     A missing required column (``slide_id, case_id, path``, then ``label`` or ``time, event`` for the task's
-    kind) makes the whole manifest unusable and raises, naming the column. Row by row, a row is dropped for:
-    a missing slide id (reported as ``row N``), a slide id seen before, an id not in ``known_slide_ids`` (or
-    the task's ``known_slide_ids()`` when it has one; ``check_known_ids=False`` skips this, e.g. for a
-    ``--demo`` cohort), a missing case id or path, a label that is not one of
+    kind) makes the whole manifest unusable and raises, naming the column and ``source`` (the file). Row by
+    row, a row is dropped for: a missing slide id (reported as ``row N``), a slide id seen before, an id not in
+    ``known_slide_ids`` (or the task's ``known_slide_ids()`` when it has one; ``check_known_ids=False`` skips
+    this, e.g. for a ``--demo`` cohort), a missing case id or path, a label that is not one of
     ``task.classes``; for survival a missing, non-numeric, non-finite, zero or negative ``time`` and an
-    ``event`` other than 0 or 1. Then every slide of a patient whose slides disagree (two labels, or two survival
-    outcomes) is dropped too. The good rows come back with string ids and, for survival, float ``time``
-    and int ``event``.
+    ``event`` other than 0 or 1. Then every slide of a patient whose slides disagree (two labels, or two
+    survival outcomes) is dropped too. The good rows come back with string ids and, for survival, float
+    ``time`` and int ``event``.
     """
     import pandas as pd
 
@@ -229,8 +229,9 @@ def validate_manifest_rows(df, task: Any = None, *, known_slide_ids: Iterable[st
     missing_cols = [c for c in ("slide_id", "case_id", "path", *label_cols) if c not in df.columns]
     if missing_cols:
         name = getattr(task, "name", "")
+        where = source or f"manifest{' of task ' + name if name else ''}"
         raise HistobenchError(
-            f"manifest{' of task ' + name if name else ''} is missing column(s) {', '.join(missing_cols)} "
+            f"{where} is missing column(s) {', '.join(missing_cols)}{' for task ' + name if source and name else ''} "
             f"(has: {', '.join(map(str, df.columns))})"
         )
     if known_slide_ids is None and check_known_ids and task is not None and hasattr(task, "known_slide_ids"):

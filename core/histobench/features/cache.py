@@ -107,8 +107,10 @@ def read_features(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
 
     try:
         with h5py.File(path, "r") as f:
-            if "features" not in f:
-                raise HistobenchError(f"feature file {path} has no 'features' dataset (keys: {', '.join(f.keys())})")
+            if "features" not in f or not isinstance(f["features"], h5py.Dataset):
+                raise HistobenchError(
+                    f"feature file {path} has no 'features' dataset (has: {', '.join(f.keys()) or 'nothing'}); "
+                    f"expected 'features' [N, D] and 'coords' [N, 2], the CLAM/TRIDENT layout")
             feats = np.asarray(f["features"][()], dtype=np.float32)
             if feats.ndim == 3 and feats.shape[0] == 1:  # TRIDENT writes [1, N, D] for some encoders
                 feats = feats[0]
@@ -117,7 +119,14 @@ def read_features(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
                 coords = coords[0]
             attrs = dict(f.attrs)
     except OSError as err:
-        raise HistobenchError(f"cannot read feature file {path}: {err}") from None
+        raise HistobenchError(f"cannot read feature file {path}: {' '.join(str(err).split())}") from None
+    except (TypeError, ValueError) as err:  # a dataset of strings or compound records
+        raise HistobenchError(f"feature file {path}: 'features' is not numeric ({' '.join(str(err).split())})") from None
+    if feats.ndim != 2:
+        raise HistobenchError(f"feature file {path}: 'features' has shape {list(feats.shape)}, expected [N, D]")
+    if coords.ndim != 2 or coords.shape[1] != 2 or len(coords) != len(feats):
+        raise HistobenchError(f"feature file {path}: 'coords' has shape {list(coords.shape)}, expected "
+                              f"[{len(feats)}, 2] (one x, y per feature row)")
     return feats, coords, attrs
 
 
@@ -142,9 +151,22 @@ class FeatureDir(Mapping[str, np.ndarray]):
         if not self.root.is_dir():
             raise HistobenchError(f"feature folder {self.root} does not exist")
         self._paths = {p.stem: p for p in sorted(self.root.glob("*.h5"))}
+        self._width: tuple[int, Path] | None = None  # the first file's feature width, and that file
 
     def __getitem__(self, slide_id: str) -> np.ndarray:
-        return read_features(self._paths[slide_id])[0]
+        path = self._paths[slide_id]
+        feats = read_features(path)[0]
+        if len(feats):
+            if self._width is None:
+                self._width = (feats.shape[1], path)
+            elif feats.shape[1] != self._width[0]:
+                raise HistobenchError(
+                    f"feature file {path} has {feats.shape[1]}-wide features but {self._width[1].name} has "
+                    f"{self._width[0]}: the folder {self.root} mixes encoders")
+        return feats
+
+    def __contains__(self, slide_id: object) -> bool:  # without reading the file
+        return slide_id in self._paths
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._paths)

@@ -25,6 +25,7 @@ identical weights: the pretext's whole state (teacher and centres included) is b
 
 from __future__ import annotations
 
+import errno
 import inspect
 import os
 import time
@@ -207,6 +208,45 @@ def _save_atomic(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+_DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def write_error(path: Path, err: BaseException, kept: str) -> HistobenchError:
+    """One line for a checkpoint that could not be written (a full disk, a file-size limit, a lost mount).
+
+    ``torch.save`` reports a short write as a bare ``RuntimeError`` of its zip writer, so that case is named
+    as a write failure too. The half-written temporary file is removed; the file under ``path`` is untouched.
+    """
+    for tmp in (path.with_name(path.name + ".tmp"), path.with_suffix(".tmp")):
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+    if isinstance(err, OSError) and err.errno in _DISK_FULL:
+        why = f"{err.strerror or err} (the disk is full or a file-size limit was reached)"
+    elif isinstance(err, OSError):
+        why = err.strerror or str(err)
+    else:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        why = f"the write failed ({first[:160]}){_space_note(path)}"
+    return HistobenchError(f"cannot write checkpoint {path}: {why}; {kept}")
+
+
+def _space_note(path: Path) -> str:
+    """Why a write may have failed: a file-size limit of this process, or little free space on the disk."""
+    import resource
+    import shutil
+
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if soft != resource.RLIM_INFINITY:
+        return f"; this process may write files of at most {soft} bytes (ulimit -f)"
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return "; is the disk full?"
+    return f"; {free / 2**20:.0f} MiB free on its disk"
+
+
 def pretrain(
     pretext: Pretext,
     encoder_component: Encoder,
@@ -298,15 +338,21 @@ def pretrain(
     step_fn = _data_parallel_step(pretext, modules, dev)
 
     last_saved = start
+    last_good = start if ckpt_path.exists() else 0  # the step of the checkpoint on disk
 
     def save(step: int) -> None:
-        nonlocal last_saved
+        nonlocal last_saved, last_good
         if step == last_saved:  # the step-interval and the epoch-end checkpoint can fall on the same step
             return
         last_saved = step
         if rank == 0:
-            _save_atomic({"pretext": pretext.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                          "total_steps": total, "history": history, "train_options": opts.model_dump()}, ckpt_path)
+            kept = f"the checkpoint of step {last_good} is kept" if last_good else "no checkpoint was written before"
+            try:
+                _save_atomic({"pretext": pretext.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                              "total_steps": total, "history": history, "train_options": opts.model_dump()}, ckpt_path)
+            except (OSError, RuntimeError) as err:
+                raise write_error(ckpt_path, err, kept) from err
+        last_good = step
 
     stop = total if max_steps is None else min(total, max_steps)
     step = start
