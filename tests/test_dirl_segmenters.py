@@ -1,6 +1,8 @@
 """DiRL's nuclei segmenters: hed-watershed on real H&E and on synthetic truth, stardist's errors and (where the
 ``histobench[stardist]`` extra is installed) a tiny StarDist model trained by the plugin's script."""
 
+import json
+import os
 import re
 import subprocess
 import sys
@@ -80,46 +82,65 @@ def test_hed_watershed_contract():
     assert types_ is None and inst.max() > 0
 
 
-def test_hed_watershed_density_on_real_he(tmp_path):
-    """CMU-1-Small-Region, every tissue tile at 0.5 µm/px, 256 px: nuclei per mm² of tile area. Measured
-    4,253 /mm² (2,230 nuclei in 32 tiles, 13 % of pixels in nuclei, mean nucleus ~35 µm²)."""
-    seg = create("segmenter", "hed-watershed")
-    count, fg, areas, shown = 0, [], [], []
-    t0 = time.perf_counter()
-    pairs = list(refs_and_tiles(CMU, 0.5, 256))
-    for ref, tile in pairs:
-        inst, _ = seg.segment(tile, ref)
-        assert inst.dtype == np.uint16 and inst.shape == (256, 256)
-        n = int(inst.max())
-        assert np.array_equal(np.unique(inst), np.arange(n + 1))  # labels 1..n, no gaps
-        count += n
-        fg.append(float((inst > 0).mean()))
-        areas.append((inst > 0).sum() * 0.25 / max(n, 1))
-        if len(shown) < 3 and n:
-            shown.append((tile, inst))
-    rate = len(pairs) / (time.perf_counter() - t0)
-    area_mm2 = len(pairs) * (256 * 0.5e-3) ** 2
-    density = count / area_mm2
-    print(f"hed-watershed on CMU-1-Small-Region: {count} nuclei in {len(pairs)} tiles, {density:.0f} /mm², "
-          f"{rate:.1f} tiles/s")
-    assert len(pairs) == 32
-    assert 3000 < density < 5500, density          # H&E: roughly 1,000-6,000 /mm²
-    assert 0.05 < float(np.mean(fg)) < 0.25         # neither empty nor all foreground
-    assert 20 < float(np.median(areas)) < 60        # µm² per nucleus: lymphocyte to epithelial size
-    assert sum(f == 0 for f in fg) <= 2             # nearly every tissue tile has nuclei
-
+def test_hed_watershed_density_on_real_he_with_an_overlay_in_mlflow(tmp_path, tracking_uri):
+    """CMU-1-Small-Region, every tissue tile at 0.5 µm/px, 256 px: nuclei per mm² of tile area, and the overlay
+    picture logged to MLflow (``histobench_dirl.density``, the ``nuclei_density.py`` script). Measured 4,253 /mm²
+    (2,230 nuclei in 32 tiles, 4,593 /mm² of tissue, 13 % of pixels in nuclei, mean nucleus 35 µm²)."""
     from PIL import Image
 
-    tile, inst = shown[0]
+    from histobench.tracking import download_artifact, get_run
+    from histobench_dirl.density import log_density, slide_density
+
+    d = slide_density(CMU, "hed-watershed", mpp=0.5, tile_size=256, overlay_tiles=3)
+    print(d.line(), f"({d.tiles / d.seconds:.1f} tiles/s)")
+    assert d.tiles == d.slide_tiles == 32 and d.failed == []
+    assert d.tile_area_mm2 == pytest.approx(32 * (256 * 0.5e-3) ** 2)
+    assert d.nuclei_per_mm2 == pytest.approx(d.nuclei / d.tile_area_mm2)
+    assert 3000 < d.nuclei_per_mm2 < 5500, d.nuclei_per_mm2     # H&E: roughly 1,000-6,000 /mm²
+    assert d.nuclei_per_mm2_tissue >= d.nuclei_per_mm2            # tissue is at most the tile area
+    assert 0.05 < d.nucleus_fraction < 0.25                       # neither empty nor all foreground
+    assert 20 < d.mean_nucleus_um2 < 60                           # µm² per nucleus: lymphocyte to epithelial size
+    assert d.empty_tiles <= 2                                     # nearly every tissue tile has nuclei
+
+    tile, inst = d.overlay[0]
     pic = overlay(tile, inst)
     assert pic.shape == tile.shape and pic.dtype == np.uint8
     changed = (pic != tile).any(axis=2)
     assert changed.any() and not changed[inst == 0].any()  # outlines lie on nuclei pixels, inside them
     assert (pic[changed] == (0, 255, 0)).all()
     assert changed.sum() < (inst > 0).sum()               # outlines, not filled nuclei
-    strip = np.concatenate([overlay(t, i) for t, i in shown], axis=1)
-    Image.fromarray(strip).save(tmp_path / "overlay.png")
-    assert np.asarray(Image.open(tmp_path / "overlay.png")).shape == (256, 256 * len(shown), 3)
+
+    run_id, files = log_density(d, tmp_path / "out", tracking_uri)
+    run = get_run(run_id, tracking_uri)
+    assert run["tags"]["histobench.stage"] == "segmentation"  # never a leaderboard row
+    assert run["metrics"]["nuclei"] == d.nuclei and run["metrics"]["nuclei_per_mm2"] == pytest.approx(d.nuclei_per_mm2)
+    assert run["params"]["segmenter.name"] == "hed-watershed" and run["params"]["tiles.mpp"] == "0.5"
+    png = download_artifact(run_id, "overlay.png", tmp_path / "dl", tracking_uri)
+    strip = np.asarray(Image.open(png))
+    assert strip.shape == (256, 3 * 256 + 2 * 4, 3)        # three tiles, 4 px gaps
+    assert np.array_equal(strip[:, :256], pic)             # the first panel is the first tile's overlay
+    report = json.loads(download_artifact(run_id, "density.json", tmp_path / "dl", tracking_uri).read_text())
+    assert report["nuclei"] == d.nuclei and "overlay" not in report
+
+
+def test_nuclei_density_script_logs_a_run_and_names_a_missing_slide(tmp_path, tracking_uri):
+    """The command line around it: a few tiles of the real slide, then a missing slide as one error line."""
+    from histobench.tracking import get_run
+
+    script = ROOT / "plugins" / "histobench_dirl" / "scripts" / "nuclei_density.py"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    ok = subprocess.run([sys.executable, str(script), str(CMU), "--max-tiles", "4", "--overlay-tiles", "2",
+                         "--tracking-uri", tracking_uri, "--out", str(tmp_path / "out")],
+                        capture_output=True, text=True, env=env, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    m = re.search(r"([\d,]+) nuclei in 4 tiles .*: ([\d,]+) nuclei/mm² of tile area", ok.stdout)
+    assert m, ok.stdout
+    run = get_run(re.search(r"MLflow run (\w+)", ok.stdout).group(1), tracking_uri)
+    assert run["metrics"]["nuclei"] == int(m.group(1).replace(",", "")) > 0
+    assert (tmp_path / "out" / "overlay.png").is_file()
+    bad = subprocess.run([sys.executable, str(script), str(tmp_path / "nope.svs"), "--tracking-uri", tracking_uri],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip() == f"error: slide {tmp_path / 'nope.svs'} does not exist"
 
 
 def test_hed_watershed_overlaps_synthetic_truth(synthetic_slides):

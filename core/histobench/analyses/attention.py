@@ -244,7 +244,7 @@ class Prior:
         return cls(groups, n_types + 1, info)
 
 
-def segment_tiles(segmenter, tiles: np.ndarray, refs: list[TileRef], reporter=None
+def segment_tiles(segmenter, tiles: np.ndarray, refs: list[TileRef], reporter=None, what: str = "held-out tiles"
                   ) -> tuple[list[tuple[np.ndarray, np.ndarray | None] | None], list[tuple[int, str]]]:
     """``segmenter`` on every tile (uint8 ``[N, S, S, 3]``): ``[(instances, types) or None per tile]`` and
     ``[(tile index, reason)]`` for the tiles it failed on. A segmenter with ``own_process`` runs in one spawned
@@ -252,7 +252,7 @@ def segment_tiles(segmenter, tiles: np.ndarray, refs: list[TileRef], reporter=No
     from histobench.reporting import Reporter
 
     reporter = reporter or Reporter()
-    with reporter.stage(f"segment held-out tiles ({segmenter.name})", total=len(tiles), unit="tiles") as st:
+    with reporter.stage(f"segment {what} ({segmenter.name})", total=len(tiles), unit="tiles") as st:
         if type(segmenter).own_process:
             results = _in_worker(segmenter, tiles, refs)
             st.advance(len(tiles))
