@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -114,7 +115,7 @@ class TileSet:
                 )
         except FileNotFoundError as exc:
             raise HistobenchError(f"tile file {path} does not exist") from exc
-        except (KeyError, ValueError, OSError) as exc:
+        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # truncated, damaged, foreign
             raise HistobenchError(f"tile file {path} is unreadable or not a histobench tile set: {exc}") from exc
 
 
