@@ -221,7 +221,7 @@ except KeyboardInterrupt:
 r.warn("slide [/x] unreadable")
 """
 
-LINE = r"(?P<n>[\d,]+) (?P<unit>\w+) in (?P<s>\d+\.\d) s \((?P<rate>[\d,]+\.\d) (?P=unit)/s\)"
+LINE = r"(?P<n>[\d,]+) (?P<unit>\w+) in (?P<s>\d+\.\d) s \((?P<rate>[\d,]+(?:\.\d+)?(?:e-\d+)?) (?P=unit)/s\)"
 
 
 def _stage_stderr(tmp_path, **env) -> str:
@@ -261,6 +261,7 @@ def test_stage_line_format():
     assert stage_line("pretrain", 10, "steps", 2.0, {"loss": 0.5}) == "pretrain: 10 steps in 2.0 s (5.0 steps/s) loss=0.5"
     assert stage_line("cohort", 0, "slides", 1.26) == "cohort: done in 1.3 s"
     assert stage_line("eval", 2, "folds", 4.0, finished=False) == "eval: stopped after 2 folds in 4.0 s (0.5 folds/s)"
+    assert stage_line("evaluate", 3, "folds", 24.9) == "evaluate: 3 folds in 24.9 s (0.12 folds/s)"
 
 
 # --------------------------------------------------------------------------- -o prefixes in show

@@ -69,7 +69,8 @@ def stage_line(description: str, done: int, unit: str, seconds: float, fields: d
     nothing says ``done in 1.2 s``; one that raised says ``stopped after``; its last ``set`` fields follow."""
     rate = done / max(seconds, 1e-9)
     if done or not finished:
-        body = f"{done:,} {unit} in {seconds:.1f} s ({rate:,.1f} {unit}/s)"
+        shown = f"{rate:,.1f}" if rate >= 1 else f"{rate:.2g}"  # a slow stage keeps two digits: 0.12 folds/s
+        body = f"{done:,} {unit} in {seconds:.1f} s ({shown} {unit}/s)"
         body = body if finished else "stopped after " + body
     else:
         body = f"done in {seconds:.1f} s"
