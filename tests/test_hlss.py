@@ -545,6 +545,169 @@ def test_missing_descriptions_is_one_line_naming_task_and_option():
     assert pre.descriptions_for("tcga-nsclc").task == "tcga-nsclc"
 
 
+def test_alignment_options_match_reduction_temperature():
+    """Spec P2/P3 options: ``mean`` = ``sum`` / rows; temperature scales both softmaxes; ``group_mean`` aligns one
+    re-normalised mean per instance (equal to the per-view term / V when an instance's views are identical)."""
+    from histobench_hlss.loss import pool_groups
+
+    g = torch.Generator().manual_seed(0)
+    shape = (2, 2, 2, 2)
+    banks = {lvl: torch.nn.functional.normalize(torch.randn(5, 12, generator=g), dim=1) for lvl in LEVELS}
+    u = torch.nn.functional.normalize(torch.randn(16, 12, generator=g), dim=1)
+    heads = {lvl: torch.nn.functional.normalize(torch.randn(16, 5, generator=g), dim=1) for lvl in LEVELS}
+    total, _ = alignment_kl(u, banks["patch"])
+    mean, _ = alignment_kl(u, banks["patch"], reduction="mean")
+    assert float(mean) == pytest.approx(float(total) / 16, rel=1e-6)
+    t = banks["slide"][torch.arange(16) % 5]
+    torch.testing.assert_close(symmetric_kl(u, t, 0.5), symmetric_kl(u / 0.5, t / 0.5))
+    assert float(alignment_kl(u, banks["slide"], temperature=0.5)[0]) > float(alignment_kl(u, banks["slide"])[0])
+    with pytest.raises(ValueError, match="reduction"):
+        alignment_kl(u, banks["patch"], reduction="max")
+    # group_mean: the pooled vector of each instance is matched and aligned once
+    pooled = pool_groups(u, "slide", shape)
+    assert pooled.shape == (4, 12) and torch.allclose(pooled.norm(dim=1), torch.ones(4))
+    torch.testing.assert_close(pooled[1], torch.nn.functional.normalize(u[4:8].mean(0), dim=0))
+    grouped = hlss_loss(u, heads, banks, shape, ha_match="group_mean")
+    for lvl in LEVELS:
+        want, _ = alignment_kl(pool_groups(u, lvl, shape), banks[lvl])
+        assert float(grouped[f"ha_{lvl}"]) == pytest.approx(float(want), rel=1e-6)
+    same = u[::8].repeat_interleave(8, dim=0)  # every patient's 8 views identical
+    per_view = hlss_loss(same, heads, banks, shape)
+    by_group = hlss_loss(same, heads, banks, shape, ha_match="group_mean")
+    for lvl, v in (("patch", 2), ("slide", 4), ("patient", 8)):
+        assert float(by_group[f"ha_{lvl}"]) == pytest.approx(float(per_view[f"ha_{lvl}"]) / v, rel=1e-5)
+    assert float(per_view["hvc"]) == float(by_group["hvc"])  # the SupCon terms do not depend on the matching
+    leaf = u.clone().requires_grad_(True)
+    hlss_loss(leaf, heads, banks, shape, lambdas={lvl: 0.0 for lvl in LEVELS}, ha_match="group_mean")["loss"].backward()
+    assert leaf.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="ha_match"):
+        hlss_loss(u, heads, banks, shape, ha_match="pooled")
+
+
+def test_pretext_passes_the_alignment_options_to_the_loss(tmp_path):
+    images, slide_index, cohort, _, _ = synthetic_cohort()
+    items = PatientSampler(slide_index, cohort, B, 2, 2, seed=0).batches(0)[0]
+    pre, *_ = make_pretext(tmp_path)
+    out = {}
+    for name, update in (("sum", {}), ("mean", {"ha_reduction": "mean"}), ("group", {"ha_match": "group_mean"}),
+                         ("hot", {"ha_temperature": 0.1})):
+        pre.options = pre.options.model_copy(update=update)
+        out[name] = pre.training_step({"images": images[items]}, 0)  # step 0: the same views every time
+        pre.options = HLSS(**{k: v for k, v in pre.options.model_dump().items() if k not in update}).options
+    n_views = B * 2 * 2 * 2
+    assert float(out["mean"]["ha"]) == pytest.approx(float(out["sum"]["ha"]) / n_views, rel=1e-5)
+    assert float(out["group"]["ha_patient"]) < float(out["sum"]["ha_patient"]) / 2  # 4 pooled patients, not 32 views
+    assert float(out["hot"]["ha"]) > float(out["sum"]["ha"])  # sharper softmaxes, larger divergences
+    for o in out.values():
+        assert float(o["hvc"]) == pytest.approx(float(out["sum"]["hvc"]), rel=1e-6)
+    with pytest.raises(Exception, match="ha_match"):
+        HLSS(ha_match="pooled")
+
+
+# ------------------------------------------------------------------------------------------ class balancing
+
+
+def labels_csv(path, cohort, classes_of_patient, by="case_id"):
+    import pandas as pd
+
+    if by == "case_id":
+        rows = {"case_id": list(dict.fromkeys(cohort.patient_ids)), "label": classes_of_patient}
+    else:
+        pidx = cohort.patient_index
+        rows = {"slide_id": list(cohort.slide_ids), "label": [classes_of_patient[i] for i in pidx]}
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def test_balanced_replication_per_class(tmp_path):
+    from histobench_hlss.balance import patient_classes, replicate_by_class
+
+    images, slide_index, cohort, _, _ = synthetic_cohort()
+    data = type("D", (), {"slide_index": slide_index})()
+    classes = ["A"] * 7 + ["B"] * 2  # 7 patients vs 2: B gets 3 whole copies and 1 more drawn
+    for by in ("case_id", "slide_id"):
+        path = labels_csv(tmp_path / f"labels-{by}.csv", cohort, classes, by)
+        assert patient_classes(path, cohort) == classes
+    pre = HLSS(balance_labels=str(path))
+    sampler = pre.batch_sampler(data, cohort, B, seed=0)
+    counts = np.bincount(sampler.patients, minlength=9)
+    assert len(sampler.patients) == 14 and sampler.steps_per_epoch == 14 // B  # 7 per class
+    assert (counts[:7] == 1).all() and sorted(counts[7:]) == [3, 4]
+    assert sampler.class_counts == {"A": 7, "B": 2}
+    seen = np.concatenate([slide_index[b] for b in sampler.batches(0)])
+    patient_of_slide = cohort.patient_index
+    assert np.isin(patient_of_slide[seen], [7, 8]).mean() > 0.3  # B patients fill about half the epoch (4/9 plain)
+    again = pre.batch_sampler(data, cohort, B, seed=0)
+    assert np.array_equal(again.patients, sampler.patients)  # seeded
+    assert len(HLSS().batch_sampler(data, cohort, B, seed=0).patients) == 9  # off by default
+    even = replicate_by_class(np.arange(6), ["x", "y", "x", "y", "x", "y"], 0)
+    assert sorted(even.tolist()) == list(range(6))  # balanced already: unchanged
+    # a patient the file does not label, and a file without the columns, are one-line errors naming the culprit
+    labels_csv(tmp_path / "short.csv", cohort, classes, "case_id")
+    import pandas as pd
+
+    pd.read_csv(tmp_path / "short.csv").iloc[:-1].to_csv(tmp_path / "short.csv", index=False)
+    with pytest.raises(HistobenchError, match=r"patient 'P8' has no label in .*short\.csv") as e:
+        HLSS(balance_labels=str(tmp_path / "short.csv")).batch_sampler(data, cohort, B, seed=0)
+    assert "\n" not in str(e.value)
+    pd.DataFrame({"case_id": ["P0"], "diagnosis": ["A"]}).to_csv(tmp_path / "cols.csv", index=False)
+    with pytest.raises(HistobenchError, match=r"pretext\.balance_labels: .*cols\.csv needs a 'label' column"):
+        HLSS(balance_labels=str(tmp_path / "cols.csv")).batch_sampler(data, cohort, B, seed=0)
+    with pytest.raises(HistobenchError, match="does not exist"):
+        HLSS(balance_labels=str(tmp_path / "none.csv")).batch_sampler(data, cohort, B, seed=0)
+
+
+def test_a_patient_with_no_tiles_is_named():
+    _, slide_index, cohort, _, _ = synthetic_cohort()
+    lonely = CohortMeta(cohort.slide_ids + ("S9-0", "S9-1"), cohort.patient_ids + ("P9", "P9"))
+    data = type("D", (), {"slide_index": slide_index})()  # no tile of slides S9-0, S9-1
+    with pytest.raises(HistobenchError) as e:
+        HLSS().batch_sampler(data, lonely, B, seed=0)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("hlss: patient 'P9' has no tiles in its slides (S9-0, S9-1)")
+    assert len(HLSS().batch_sampler(data, cohort, B, seed=0).patients) == 9
+
+
+# ------------------------------------------------------------------------------------------ text-bank cache, space
+
+
+def test_setup_caches_the_text_banks_in_the_work_directory(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    first, *_ = make_pretext(tmp_path, cache_dir=cache)
+    (bank_file,) = (cache / "textbanks").glob("textbank-*.pt")
+    text = create("text_encoder", "hashing")
+    monkeypatch.setattr(text, "encode", lambda texts: pytest.fail("a cached text bank was encoded again"))
+    second, *_ = make_pretext(tmp_path, cache_dir=cache, text=text)
+    for lvl in LEVELS:
+        assert torch.equal(second.heads.bank(lvl), first.heads.bank(lvl))
+    other, *_ = make_pretext(tmp_path, cache_dir=cache, text=create("text_encoder", "hashing", {"dim": 32}))
+    assert len(list((cache / "textbanks").glob("textbank-*.pt"))) == 2  # one file per encoder identity
+    data = torch.load(bank_file, weights_only=True)  # an altered file: its texts no longer match its hash
+    data["descriptions"]["patch"]["patch nuclei"][0] = "altered"
+    torch.save(data, bank_file)
+    with pytest.raises(HistobenchError) as e:
+        make_pretext(tmp_path, cache_dir=cache, adapter_warning=False)
+    assert "\n" not in str(e.value) and str(bank_file) in str(e.value) and "does not match its own texts" in str(e.value)
+
+
+def test_shares_image_space_is_read_from_the_instance(tmp_path):
+    """A ``cached`` bank written by an encoder that shares the image space needs no adapter (the class says no)."""
+    from histobench_hlss.descriptions import load_descriptions
+    from histobench_hlss.textbank import write_bank_file
+
+    path = tmp_path / "bank.pt"
+    write_bank_file(path, load_descriptions(descriptions_file(tmp_path / "desc.yaml")),
+                    create("text_encoder", "hashing", {"dim": 32}))
+    data = torch.load(path, weights_only=True)
+    data["shares_image_space"] = True  # as if a CLIP text tower of a 32-d joint space had written it
+    torch.save(data, path)
+    cached = create("text_encoder", "cached", {"path": str(path)})
+    assert type(cached).shares_image_space is False and cached.shares_image_space is True
+    pre, *_ = make_pretext(tmp_path, text=cached, adapter_warning=False)
+    assert pre.adapter_used is False and pre.heads.adapter is None and pre.deviation == ""
+    torch.testing.assert_close(pre.heads.heads["patch"].weight, torch.as_tensor(data["banks"]["patch"]["vectors"]))
+
+
 # ------------------------------------------------------------------------------------------ interpretability
 
 
@@ -633,3 +796,5 @@ def test_run_hlss_demo_with_knn_protocol_end_to_end(tmp_path):
     assert 0.0 <= parent.data.metrics["patient_accuracy_fold_mean"] <= 1.0
     board = build_leaderboard("tcga-nsclc", uri)
     assert list(board["protocol"]) == ["knn-hierarchical"] and len(board) == 1
+    banks = list((tmp_path / "work" / "cache" / "textbanks").glob("textbank-*.pt"))
+    assert len(banks) == 1 and "hashing" in banks[0].name  # built once, kept in the work directory
