@@ -242,3 +242,21 @@ def test_html_renders_in_headless_chromium(written, tmp_path):
     assert sum('class="top"' in r for r in rows) == 4
     cells = re.findall(r'<td[^>]*data-col="top group"[^>]*>([^<]*)</td>', dom)
     assert cells == ["✓", "✓", "✓", "", "", "✓", ""]
+
+
+def test_json_holds_the_csv_rows_with_nulls(written, store):
+    tmp, uri, ids = store
+    out = tmp / "json"
+    result = invoke("--task", TASK, "--format", "json", "--out", str(out), "--tracking-uri", uri)
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / f"{TASK}.json").read_text())  # strict JSON: NaN would not parse with the constant hook
+    json.loads((out / f"{TASK}.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert [r["run_id"] for r in rows] == [ids[k] for k in ORDER]
+    assert rows[0]["rank"] == 1 and rows[0]["demo"] is False and rows[0]["macro_auc"] == "0.900 ± 0.020"
+    csv = pd.read_csv(written[0] / f"{TASK}.csv", keep_default_na=False, dtype=str)
+    assert list(csv.columns) == list(rows[0])
+    assert [r["pretrain cohort"] for r in rows] == list(csv["pretrain cohort"])
+    from histobench.leaderboard import to_json
+
+    mixed = json.loads(to_json(pd.DataFrame([{"a": 1.5, "n": 2}, {"b": "x", "n": 3}])))
+    assert mixed == [{"a": 1.5, "n": 2, "b": None}, {"a": None, "n": 3, "b": "x"}]

@@ -27,7 +27,7 @@ from typing import Any
 from histobench.registry import get_component
 from histobench.tracking import search_runs
 
-FORMATS = ("table", "md", "csv", "html")
+FORMATS = ("table", "md", "csv", "html", "json")
 DEFAULT_PROTOCOL = "frozen-mil"
 IGNORED_EVAL = frozenset({"device"})
 """``eval.*`` fields that do not change the protocol (where it ran), left out of the non-default check."""
@@ -276,6 +276,14 @@ def to_html(df, task: str, primary: str) -> str:
             + "\n".join(sections) + "\n</body></html>\n")
 
 
+def to_json(df) -> str:
+    """The rows as a JSON list of objects, one per run in rank order; a missing value is ``null`` (never NaN,
+    which JSON cannot hold)."""
+    records = [{k: (None if isinstance(v, float) and v != v else v.item() if hasattr(v, "item") else v)
+                for k, v in rec.items()} for rec in df.to_dict("records")]
+    return json.dumps(records, indent=2, ensure_ascii=False) + "\n"
+
+
 def _atomic(path: Path, text: str) -> Path:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -298,5 +306,5 @@ def write_leaderboard(df, task: str, out_dir: Path, formats: tuple[str, ...] = (
         elif fmt == "html":
             paths.append(_atomic(out_dir / f"{task}.html", to_html(df, task, primary)))
         elif fmt == "json":
-            paths.append(_atomic(out_dir / f"{task}.json", json.dumps(df.to_dict("records"), indent=2)))
+            paths.append(_atomic(out_dir / f"{task}.json", to_json(df)))
     return paths

@@ -16,12 +16,12 @@ from histobench.errors import HistobenchError
 def leaderboard_cmd(
     task: TaskOpt,
     tracking_uri: TrackingOpt = None,
-    fmt: Annotated[Optional[list[str]], typer.Option("--format", "-f", help="table, md, csv or html (repeatable; default: table, md and csv).")] = None,
-    out: Annotated[Path, typer.Option("--out", help="Folder for <task>.md, .csv and .html.")] = Path("results"),
+    fmt: Annotated[Optional[list[str]], typer.Option("--format", "-f", help="table, md, csv, html or json (repeatable; default: table, md and csv).")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Folder for <task>.md, .csv, .html and .json.")] = Path("results"),
     include_demo: Annotated[bool, typer.Option("--demo/--no-demo", help="Include --demo runs.")] = True,
 ) -> None:
     """Rank the task's finished runs within each evaluation protocol by its primary metric's mean over folds:
-    print a table per protocol and/or write Markdown, CSV, HTML."""
+    print a table per protocol and/or write Markdown, CSV, HTML, JSON."""
     from histobench.leaderboard import FORMATS, build_leaderboard, notes, protocols, write_leaderboard
     from histobench.registry import get_component
 
