@@ -258,7 +258,8 @@ def test_stage_line_format():
     from histobench.reporting import stage_line
 
     assert stage_line("extract", 1234, "tiles", 12.3) == "extract: 1,234 tiles in 12.3 s (100.3 tiles/s)"
-    assert stage_line("pretrain", 10, "steps", 2.0, {"loss": 0.5}) == "pretrain: 10 steps in 2.0 s (5.0 steps/s) loss=0.5"
+    assert stage_line("pretrain", 10, "steps", 2.0, {"loss": 0.5}) == \
+        "pretrain: 10 steps in 2.0 s (5.0 steps/s) loss=0.5"
     assert stage_line("cohort", 0, "slides", 1.26) == "cohort: done in 1.3 s"
     assert stage_line("eval", 2, "folds", 4.0, finished=False) == "eval: stopped after 2 folds in 4.0 s (0.5 folds/s)"
     assert stage_line("evaluate", 3, "folds", 24.9) == "evaluate: 3 folds in 24.9 s (0.12 folds/s)"
@@ -289,7 +290,8 @@ def test_protocol_options_go_through_eval():
 
     from histobench.evaluate.options import EvalOptions
 
-    cls = next(e.cls for e in get_components("protocol").values() if set(e.cls.Options.model_fields) - set(EvalOptions.model_fields))
+    cls = next(e.cls for e in get_components("protocol").values()
+               if set(e.cls.Options.model_fields) - set(EvalOptions.model_fields))
     field = next(f for f in cls.Options.model_fields if f not in EvalOptions.model_fields)
     shared, own = _split_eval_options(parse_options([f"{OPTION_PREFIX['protocol']}.{field}=1"])["eval"], cls)
     assert own == {field: 1} and shared == {}

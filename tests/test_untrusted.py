@@ -106,8 +106,10 @@ def findings(path: Path, root: Path = ROOT) -> list[tuple[str, int, str]]:
         elif name == "yaml.load":
             loader = _kw(node, "Loader") or (node.args[1] if len(node.args) > 1 else None)
             loader_name = _dotted(loader) if loader is not None else ""
-            if loader is None or loader_name.split(".")[-1] in UNSAFE_YAML_LOADERS or not loader_name.endswith("SafeLoader"):
-                out.append((rel, node.lineno, f"yaml.load with Loader={ast.unparse(loader) if loader is not None else None}"))
+            unsafe = loader_name.split(".")[-1] in UNSAFE_YAML_LOADERS or not loader_name.endswith("SafeLoader")
+            if loader is None or unsafe:
+                shown = ast.unparse(loader) if loader is not None else None
+                out.append((rel, node.lineno, f"yaml.load with Loader={shown}"))
         elif name.startswith("mlflow.") and name.endswith(".load_model"):
             out.append((rel, node.lineno, name))
     return out

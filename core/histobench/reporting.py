@@ -10,6 +10,7 @@ time and throughput (:func:`stage_line`), and no escape codes.
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 from typing import Iterator
@@ -59,6 +60,21 @@ class Reporter:
         pass
 
 
+def no_color() -> bool:
+    """True when ``NO_COLOR`` (https://no-color.org) is set to a non-empty value."""
+    return os.environ.get("NO_COLOR", "") != ""
+
+
+def make_console(stderr: bool = False):
+    """A rich console for the current environment; with ``NO_COLOR`` it writes no style escapes at all (rich's
+    own ``no_color`` drops colours but keeps bold and underline)."""
+    from rich.console import Console
+
+    if no_color():
+        return Console(stderr=stderr, color_system=None, no_color=True)
+    return Console(stderr=stderr)
+
+
 def _fields_text(fields: dict) -> str:
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
 
@@ -84,9 +100,7 @@ class RichReporter(Reporter):
 
     def __init__(self, console=None) -> None:
         super().__init__()
-        from rich.console import Console
-
-        self.console = console or Console(stderr=True)
+        self.console = console or make_console(stderr=True)
         self._fields: dict[int, dict] = {}
 
     @property

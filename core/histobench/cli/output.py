@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import textwrap
 from enum import Enum
@@ -24,20 +23,10 @@ from typing import Annotated, Any, Iterable, Sequence
 import typer
 from rich.console import Console
 
+from histobench.reporting import make_console, no_color
+
 MIN_TEXT_WIDTH = 12
 """The narrowest a free-text column may become before the records are printed as blocks instead."""
-
-
-def no_color() -> bool:
-    """True when ``NO_COLOR`` is set to a non-empty value."""
-    return os.environ.get("NO_COLOR", "") != ""
-
-
-def make_console(stderr: bool = False) -> Console:
-    """A rich console for the current environment; with ``NO_COLOR`` it writes no style escapes at all."""
-    if no_color():
-        return Console(stderr=stderr, color_system=None, no_color=True)
-    return Console(stderr=stderr)
 
 
 class EnvConsole:
@@ -139,8 +128,9 @@ def print_records(console, title: str, columns: Sequence[tuple[str, str]], rows:
             if not value:
                 continue
             if kind == TEXT:  # wraps between words (never inside one), indented
-                text = textwrap.fill(" ".join(value.split()), width=max(console.width, 20), initial_indent=f"  {header}: ",
-                                     subsequent_indent="    ", break_long_words=False, break_on_hyphens=False)
+                text = textwrap.fill(" ".join(value.split()), width=max(console.width, 20),
+                                     initial_indent=f"  {header}: ", subsequent_indent="    ",
+                                     break_long_words=False, break_on_hyphens=False)
                 console.print(Text(text), soft_wrap=True)
             elif "\n" not in value:  # a name: one line, never broken
                 console.print(Text(f"  {header}: {value}"), soft_wrap=True)
