@@ -104,6 +104,13 @@ def test_plugins_json_lists_what_each_plugin_registers():
     assert "register_pretexts" in by_name["dino"]["hooks"]
 
 
+def test_json_from_the_installed_command_parses():
+    """In a real process, nothing printed while plugins load reaches stdout."""
+    done = histobench("plugins", "--format", "json", FORCE_COLOR="1")
+    assert done.returncode == 0, done.stderr
+    assert {r["plugin"] for r in json.loads(done.stdout)} >= {"core", "dino", "tcga", "timm"}
+
+
 def test_json_on_stdout_and_errors_on_stderr():
     result = invoke("pretexts", "show", "dinoo", "--format", "json")
     assert result.exit_code == 2 and result.stdout == "" and "Did you mean 'dino'" in result.stderr
