@@ -142,6 +142,7 @@ def test_sigkilled_histobench_run_is_marked_failed_by_the_next_run(tmp_path):
     work = tmp_path / "work"
     common = ["--task", TASK, "--demo", "--workdir", str(work), "--tracking-uri", uri, *SMALL]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    _client(uri).search_experiments()  # the store exists before two processes use it
     proc = subprocess.Popen([sys.executable, "-m", "histobench", "run", "--pretext", "dino", *common,
                              "-o", "train.epochs=50"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

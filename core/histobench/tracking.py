@@ -76,14 +76,18 @@ def _artifact_root(tracking_uri: str) -> str | None:
     MLflow's own default is ``./mlruns`` in the current directory, which scatters artifacts over wherever
     a command happened to be run. ``None`` for any other store (a server or a file store decides itself).
     """
+    db = _sqlite_path(tracking_uri)
+    return None if db is None else (Path(db).resolve().parent / "mlartifacts").as_uri()
+
+
+def _sqlite_path(tracking_uri: str) -> str | None:
+    """The database file of a ``sqlite:///`` URI (``None`` for other stores and in-memory databases)."""
     from urllib.parse import unquote
 
     if not tracking_uri.startswith("sqlite:///"):
         return None
     db = unquote(tracking_uri[len("sqlite:///"):].split("?", 1)[0])
-    if not db or db == ":memory:":
-        return None
-    return (Path(db).resolve().parent / "mlartifacts").as_uri()
+    return None if not db or db == ":memory:" else db
 
 
 # Bounded waits on an HTTP store. MLflow retries a failed request 7 times with a doubling backoff (minutes);
@@ -223,13 +227,19 @@ class Tracker:
         from histobench.owner import me
 
         uri = self.uri
-        try:
-            with _bounded(_PROBE_HTTP):
-                client = MlflowClient(tracking_uri=uri)
-                client.search_experiments(max_results=1)
-        except Exception as err:
-            raise HistobenchError(f"tracking store {uri} cannot be reached ({_one_line(err)}); start it, or pass "
-                                  "another --tracking-uri") from None
+        tries = 3 if uri.startswith("sqlite:") else 1  # two processes creating one SQLite store race on its schema
+        for attempt in range(tries):
+            try:
+                with _bounded(_PROBE_HTTP):
+                    client = MlflowClient(tracking_uri=uri)
+                    client.search_experiments(max_results=1)
+                break
+            except Exception as err:
+                if attempt + 1 < tries and Path(_sqlite_path(uri) or "/").is_file():
+                    time.sleep(1.0)
+                    continue
+                raise HistobenchError(f"tracking store {uri} cannot be reached ({_one_line(err)}); start it, or pass "
+                                      "another --tracking-uri") from None
         self._client, self.offline = client, False
         if self.journal_dir is not None:
             self.sync(self.journal_dir)
