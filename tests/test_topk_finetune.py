@@ -252,6 +252,12 @@ def test_one_class_validation_side_survival_and_attention_free_heads_are_one_lin
     opts = TopKFinetune.Options(top_k=2, finetune_epochs=1)
     with pytest.raises(HistobenchError, match=r"fold 0: the validation side holds one class \(B\)"):
         topk.evaluate_topk(pin, opts, lambda _: topk.ArrayTiles(tiles), extract, transform)
+    # the core's folds of 4 patients: one training patient per class, so nothing can be held out for validation
+    few = {s: tiles[s] for s in ids[:4]}
+    pin, transform, extract, _ = make_inputs(few, labels, encoder, patient_splits(few, labels), SMALL_EV)
+    with pytest.raises(HistobenchError, match=r"fold 0: the validation side is empty \(no class has two training") as err:
+        topk.evaluate_topk(pin, opts, lambda _: topk.ArrayTiles(few), extract, transform)
+    assert "\n" not in str(err.value)
 
     from histobench_mil.mean_linear import MeanLinear
 
@@ -395,29 +401,38 @@ def test_topk_finetuning_beats_frozen_features_7_6():
 # ------------------------------------------------------------------------------------------ end to end
 
 
-def test_cli_run_puts_a_topk_row_on_the_leaderboard_with_fold_weights(tmp_path):
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory, one_torch_thread):
+    """A frozen-mil and a topk-finetune demo run on the same folds (12 patients, 3 folds), in one MLflow store."""
     import mlflow
     from typer.testing import CliRunner
 
     from histobench.cli.app import build_app
-    from histobench.leaderboard import build_leaderboard
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    common = ["run", "--pretext", "none", "--task", "tcga-nsclc", "--demo", "--workdir", str(tmp_path / "work"),
-              "--tracking-uri", uri, "-o", "task.demo_patients=12", "-o", "task.demo_slide_px=1536", "-o", "task.folds=3",
-              "-o", "eval.epochs=4", "-o", "eval.bootstrap=50"]
+    tmp = tmp_path_factory.mktemp("topk-demo")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    cohort = ["--task", "tcga-nsclc", "--demo", "--workdir", str(tmp / "work"), "--tracking-uri", uri,
+              "-o", "task.demo_patients=12", "-o", "task.demo_slide_px=1536"]
+    common = ["run", "--pretext", "none", *cohort, "-o", "task.folds=3", "-o", "eval.epochs=4", "-o", "eval.bootstrap=50"]
     runner = CliRunner()
     frozen = runner.invoke(build_app(), common, env={"COLUMNS": "200"})
     assert frozen.exit_code == 0, frozen.output
     tuned = runner.invoke(build_app(), [*common, "--protocol", "topk-finetune", "-o", "eval.top_k=4",
                                         "-o", "eval.finetune_epochs=1"], env={"COLUMNS": "200"})
     assert tuned.exit_code == 0, tuned.output
-    assert "kept fine-tuning epoch 1/1" in tuned.output and "extract timm:topk-finetune-fold0-seed0" in tuned.output
-
     client = mlflow.tracking.MlflowClient(uri)
     exp = client.get_experiment_by_name("tcga-nsclc")
     runs = {r.data.tags["histobench.protocol"]: r for r in client.search_runs([exp.experiment_id])
             if r.data.tags.get("histobench.stage") == "run"}
+    return SimpleNamespace(tmp=tmp, uri=uri, cohort=cohort, output=tuned.output, runs=runs, client=client)
+
+
+def test_cli_run_puts_a_topk_row_on_the_leaderboard_with_fold_weights(demo_runs):
+    from histobench.leaderboard import build_leaderboard
+
+    assert "kept fine-tuning epoch 1/1" in demo_runs.output
+    assert "extract timm:topk-finetune-fold0-seed0" in demo_runs.output
+    runs, client, uri = demo_runs.runs, demo_runs.client, demo_runs.uri
     assert set(runs) == {"frozen-mil", "topk-finetune"}
     r = runs["topk-finetune"]
     assert r.data.params["protocol.top_k"] == "4" and r.data.params["protocol.finetune_lr"] == "0.0001"  # demo preset
@@ -431,3 +446,56 @@ def test_cli_run_puts_a_topk_row_on_the_leaderboard_with_fold_weights(tmp_path):
         assert names == {"encoder.pt", "aggregator.pt", "finetune.json"}
     board = build_leaderboard("tcga-nsclc", uri)
     assert list(board["protocol"]) == ["frozen-mil", "topk-finetune"]  # shown apart, frozen-mil's group first
+
+
+def test_analyze_cka_compares_a_folds_tuned_encoder_with_its_initialisation(demo_runs):
+    """``--run RUN --run RUN:foldK``: the run's encoder as built against the one fine-tuned in fold K."""
+    import json
+    import re
+
+    from typer.testing import CliRunner
+
+    from histobench.analyze.encoders import from_run, parse_run_ref
+    from histobench.cli.app import build_app
+    from histobench.tracking import download_artifact, get_run
+
+    uri, tmp = demo_runs.uri, demo_runs.tmp
+    tuned_id = demo_runs.runs["topk-finetune"].info.run_id
+    frozen_id = demo_runs.runs["frozen-mil"].info.run_id
+    cpu = torch.device("cpu")
+
+    # the fold's encoder is exactly the logged artifact; the plain run is its initialisation
+    init, fold1 = from_run(tuned_id, cpu, uri), from_run(f"{tuned_id}:fold1", cpu, uri)
+    logged = torch.load(download_artifact(tuned_id, "protocol/fold1/encoder.pt", tmp / "dl", uri), weights_only=True)
+    state = fold1.module.state_dict()
+    assert set(state) == set(logged) and all(torch.equal(state[k], logged[k]) for k in logged)
+    changed = [k for k, v in init.module.state_dict().items() if not torch.equal(v, state[k])]
+    assert changed and fold1.label.endswith(":fold1") and fold1.source == f"{tuned_id}:protocol/fold1/encoder.pt"
+    assert fold1.run_id == tuned_id and init.source == tuned_id
+    assert parse_run_ref("abc:fold2:seed1").artifact == "protocol/fold2/seed1/encoder.pt"
+
+    def analyze(*runs):
+        args = ["analyze", "cka", *[a for r in runs for a in ("--run", r)], *demo_runs.cohort, "--tiles", "32",
+                "-o", "analysis.batch_size=16"]
+        return CliRunner().invoke(build_app(), args, env={"COLUMNS": "300"})
+
+    result = analyze(tuned_id, f"{tuned_id}:fold0")
+    assert result.exit_code == 0, result.output
+    run_id = re.search(r"MLflow run (\w+)", result.output).group(1)
+    run = get_run(run_id, uri)
+    assert run["tags"]["histobench.analysed_runs"] == f"{tuned_id},{tuned_id}"
+    assert run["params"]["encoders.1.source"] == f"{tuned_id}:protocol/fold0/encoder.pt"
+    report = json.loads(download_artifact(run_id, "report.json", tmp / "dl", uri).read_text())
+    assert report["encoders"][1]["label"].endswith(":fold0") and not report["encoders"][0]["label"].endswith(":fold0")
+    diag = [d["cka"] for d in report["report"]["diagonal"]]
+    assert len(diag) == 5 and max(diag) <= 1 + 1e-9 and min(diag) < 1 - 1e-6  # fine-tuning moved some layer
+    csv = download_artifact(run_id, "cka.csv", tmp / "dl", uri).read_text().splitlines()
+    assert len(csv) == 1 + 25 and csv[1].endswith(":fold0")  # encoder_b is the fold's encoder
+
+    for bad, message in ((f"{tuned_id}:fold7", f"has no fine-tuned encoder for fold7 (protocol/fold7/encoder.pt); "
+                                               "it has fold0, fold1, fold2"),
+                         (f"{frozen_id}:fold0", "its protocol 'frozen-mil' kept no fine-tuned encoder"),
+                         (f"{tuned_id}:fold", "is not RUN_ID, RUN_ID:foldK or RUN_ID:foldK:seedS")):
+        with pytest.raises(HistobenchError) as err:
+            from_run(bad, cpu, uri)
+        assert message in str(err.value) and "\n" not in str(err.value)

@@ -3,7 +3,11 @@
 A run is rebuilt from what it logged: the resolved encoder options in its ``config.json`` artifact, then the
 weights of its nested ``pretrain`` run (``encoder/encoder.pt``). A run without pretraining (``--pretext
 none``) evaluated the encoder as built after ``torch.manual_seed(seed)``; it is rebuilt the same way with the
-run's seed. A weights file is a state dict of the named encoder (``histobench pretrain``'s ``encoder.pt``, or
+run's seed. ``RUN_ID:foldK`` names instead the encoder a protocol fine-tuned in fold ``K`` of that run
+(``topk-finetune`` keeps it as the artifact ``protocol/foldK/encoder.pt``; ``RUN_ID:foldK:seedS`` for the
+``S``-th repeat of ``eval.seeds``), so that HistoTransfer's question, which layers did fine-tuning change
+(Sharma et al., IEEE BHI 2021), is ``--run RUN_ID --run RUN_ID:foldK``: the initialisation against the tuned
+encoder. A weights file is a state dict of the named encoder (``histobench pretrain``'s ``encoder.pt``, or
 ``torch.save(module.state_dict())``), loaded strictly.
 
 Every problem (an unknown run, a run without the artifact, weights that do not fit) is one
@@ -13,7 +17,9 @@ Every problem (an unknown run, a run without the artifact, weights that do not f
 from __future__ import annotations
 
 import json
+import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +32,59 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
 NO_PRETEXT = "none"
+_RUN_REF = re.compile(r"^(?P<run>[^:\s]+)(?::fold(?P<fold>\d+)(?::seed(?P<seed>\d+))?)?$")
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """A ``--run`` value: a run id, and optionally the fold (and seed repeat) whose fine-tuned encoder to load."""
+
+    run_id: str
+    fold: int | None = None
+    seed: int = 0
+
+    @property
+    def artifact(self) -> str:
+        """The fold's fine-tuned weights as ``topk-finetune`` logs them (``protocol/foldK[/seedS]/encoder.pt``)."""
+        return f"protocol/fold{self.fold}/" + (f"seed{self.seed}/" if self.seed else "") + "encoder.pt"
+
+    @property
+    def suffix(self) -> str:
+        return "" if self.fold is None else f":fold{self.fold}" + (f":seed{self.seed}" if self.seed else "")
+
+
+def parse_run_ref(text: str) -> RunRef:
+    """``RUN_ID``, ``RUN_ID:foldK`` or ``RUN_ID:foldK:seedS``; anything else is a one-line error."""
+    m = _RUN_REF.match(str(text).strip())
+    if not m:
+        raise HistobenchError(f"--run {text!r} is not RUN_ID, RUN_ID:foldK or RUN_ID:foldK:seedS")
+    return RunRef(m["run"], None if m["fold"] is None else int(m["fold"]), int(m["seed"] or 0))
+
+
+def _tuned_folds(run_id: str, tracking_uri: str | None) -> list[str]:
+    """The ``foldK`` (and ``foldK:seedS``) entries of a run whose fine-tuned encoder was logged."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient()
+    found = []
+    try:
+        for d in client.list_artifacts(run_id, "protocol"):
+            name = d.path.rsplit("/", 1)[-1]
+            if not (d.is_dir and re.fullmatch(r"fold\d+", name)):
+                continue
+            for f in client.list_artifacts(run_id, d.path):
+                leaf = f.path.rsplit("/", 1)[-1]
+                if leaf == "encoder.pt":
+                    found.append(name)
+                elif f.is_dir and re.fullmatch(r"seed\d+", leaf):
+                    if any(g.path.endswith("/encoder.pt") for g in client.list_artifacts(run_id, f.path)):
+                        found.append(f"{name}:{leaf}")
+    except Exception:  # noqa: BLE001 - an unreadable store only makes the hint shorter
+        return found
+    return sorted(found, key=lambda t: [int(x) for x in re.findall(r"\d+", t)])
 
 
 def _pixel_encoder(component: Encoder, what: str) -> None:
@@ -84,12 +143,15 @@ def _pretrain_child(run: dict[str, Any], tracking_uri: str | None) -> dict[str, 
 
 
 def from_run(run_id: str, device: "torch.device", tracking_uri: str | None = None) -> AnalysedEncoder:
-    """The encoder of a finished ``histobench run``, rebuilt from its logged options and weights."""
+    """The encoder of a finished ``histobench run``, rebuilt from its logged options and weights; with a
+    ``:foldK[:seedS]`` suffix (:func:`parse_run_ref`), the encoder its protocol fine-tuned in that fold."""
     import torch
 
     from histobench.registry import create
     from histobench.tracking import PARENT_TAG, download_artifact, get_run
 
+    ref = parse_run_ref(run_id)
+    run_id = ref.run_id
     run = get_run(run_id, tracking_uri)
     what = f"run {run_id}"
     stage = run["tags"].get(PARENT_TAG)
@@ -122,8 +184,21 @@ def from_run(run_id: str, device: "torch.device", tracking_uri: str | None = Non
             except HistobenchError:
                 raise HistobenchError(f"{what}: its pretrain run {child['run_id']} has no artifact encoder/encoder.pt") from None
             _load_state(module, weights, f"{what}'s encoder/encoder.pt", name)
-    label = f"{run['name']}:{run_id[:8]}"
-    return AnalysedEncoder(label=label, module=_ready(module, device), component=component, source=run_id, run_id=run_id)
+        source = run_id
+        if ref.fold is not None:
+            try:
+                tuned = download_artifact(run_id, ref.artifact, Path(tmp) / "tuned", tracking_uri)
+            except HistobenchError:
+                have = _tuned_folds(run_id, tracking_uri)
+                protocol = run["tags"].get("histobench.protocol", "frozen-mil")
+                hint = (f"it has {', '.join(have)}" if have else
+                        f"its protocol {protocol!r} kept no fine-tuned encoder (--protocol topk-finetune does)")
+                raise HistobenchError(f"{what} has no fine-tuned encoder for {ref.suffix[1:]} ({ref.artifact}); "
+                                      f"{hint}") from None
+            _load_state(module, tuned, f"{what}'s {ref.artifact}", name)
+            source = f"{run_id}:{ref.artifact}"
+    label = f"{run['name']}:{run_id[:8]}{ref.suffix}"
+    return AnalysedEncoder(label=label, module=_ready(module, device), component=component, source=source, run_id=run_id)
 
 
 def unique_labels(encoders: list[AnalysedEncoder]) -> list[AnalysedEncoder]:

@@ -16,7 +16,7 @@ DEFAULT_TILES, DEMO_TILES = 512, 64
 ANALYZE_PREFIXES = ("analysis", "encoder", "task")
 
 NameArg = Annotated[str, typer.Argument(help="Analysis name (histobench analyses list).", autocompletion=_completer("analysis"))]
-RunsOpt = Annotated[Optional[list[str]], typer.Option("--run", "-r", help="A finished `histobench run` (MLflow run id). Repeatable.")]
+RunsOpt = Annotated[Optional[list[str]], typer.Option("--run", "-r", help="A finished `histobench run` (MLflow run id); RUN_ID:foldK for the encoder its protocol fine-tuned in fold K (topk-finetune; RUN_ID:foldK:seedS for a seed repeat). Repeatable.")]
 WeightsOpt = Annotated[Optional[list[Path]], typer.Option("--weights", "-w", help="An encoder state dict (e.g. from histobench pretrain). Repeatable; all use --encoder and its -o encoder.KEY=VAL.")]
 EncoderNameOpt = Annotated[str, typer.Option("--encoder", "-e", help="Encoder of the --weights files.", autocompletion=_completer("encoder"))]
 TilesOpt = Annotated[Optional[int], typer.Option("--tiles", help=f"Tiles in the held-out set (default {DEFAULT_TILES}; {DEMO_TILES} with --demo).")]
@@ -43,6 +43,7 @@ def analyze_cmd(
 
     Encoders: each --run (in order), then each --weights file. Example:
     histobench analyze feature-norms --task tcga-nsclc --demo --run RUN_A --run RUN_B
+    histobench analyze cka --task tcga-nsclc --demo --run RUN --run RUN:fold0   # what fold 0's fine-tuning changed
     """
     from histobench.analyze.encoders import from_run, from_weights, unique_labels
     from histobench.analyze.runner import check_count, run_analysis

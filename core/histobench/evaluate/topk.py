@@ -445,8 +445,10 @@ def evaluate_topk(inputs: "ProtocolInputs", options: "TopKFinetune.Options",
         if train.empty or test.empty:
             raise HistobenchError(f"fold {k} has no {'training' if train.empty else 'test'} slides with features")
         if val["y"].nunique() < 2:
-            present = ", ".join(classes[i] for i in sorted(set(val["y"]))) or "none"
-            raise HistobenchError(f"fold {k}: the validation side holds one class ({present}); top-k fine-tuning "
+            present = ", ".join(classes[i] for i in sorted(set(val["y"])))
+            what = f"holds one class ({present})" if present else \
+                "is empty (no class has two training patients to hold one out)"
+            raise HistobenchError(f"fold {k}: the validation side {what}; top-k fine-tuning "
                                   f"selects its model on validation accuracy: use fewer folds (-o task.folds=K) "
                                   f"or a larger eval.val_fraction")
         test_ids = set(test["slide_id"])
