@@ -365,6 +365,32 @@ def test_cli_bad_demo_manifest_is_one_line_and_loses_nothing(work, case, needle)
     assert_kept(before, work, "demo", "tiles", "features")
 
 
+def test_cli_bad_manifest_rows_are_recorded_skips_and_fail_fast_makes_them_errors(work):
+    """Row-level problems (an unknown label, a patient with two labels) skip the rows in status.csv and the run
+    goes on with the rest; with --fail-fast the first one is the one-line error."""
+    def edit(df):
+        df = df.copy()
+        df.loc[df["slide_id"] == "DEMO-0001-01", "label"] = "MESO"
+        two = df[df["case_id"] == "DEMO-0004"].index  # DEMO-0004 has two slides: give them different labels
+        df.loc[two[0], "label"], df.loc[two[1], "label"] = "LUAD", "LUSC"
+        return df
+
+    _edit_demo_manifest(work, edit)
+    before = snapshot(work, "demo", "tiles", "features")
+    status = work / "status.csv"
+    old_status = status.read_text()
+    one_line_error(cli("extract", *DEMO, "--workdir", work, "--fail-fast"),
+                   "slide DEMO-0001-01 (manifest): unknown label 'MESO' (classes: LUAD, LUSC) (--fail-fast)")
+    res = cli("extract", *DEMO, "--workdir", work)
+    assert res.exit_code == 0, res.output
+    assert status.read_text().startswith(old_status)
+    skipped = {r.slide_id: r.reason for r in StatusTable.load(status) if r.status == "skipped"}
+    assert set(skipped) == {"DEMO-0001-01", "DEMO-0004-01", "DEMO-0004-02"}
+    assert skipped["DEMO-0004-01"].startswith("patient DEMO-0004 has conflicting labels ('LUAD' on DEMO-0004-01; "
+                                              "'LUSC' on DEMO-0004-02)")
+    assert_kept(before, work, "demo", "tiles", "features")
+
+
 def test_cli_data_root_cohort_with_a_symlink_out_is_refused_unless_allowed(work, tmp_path, nsclc):
     """A real task's cohort under --data-root: a slide file that is a symlink out of the root is refused."""
     root = tmp_path / "root"

@@ -59,6 +59,8 @@ def load_cohort(spec: RunSpec, task: Task, reporter: Reporter, status=None):
     df, problems = validate_manifest_rows(df, task, check_known_ids=not spec.demo)
     for slide_id, reason in problems:
         _problem(spec, reporter, status, slide_id, "manifest", reason)
+    if problems:  # recorded now: a command that stops before its next stage still leaves them in status.csv
+        _save_status(status, spec)
     if df.empty:
         raise HistobenchError(f"no usable slide in the cohort of task {task.name} ({status.summary()})")
     reporter.info(f"cohort {task.name}: {len(df)} slides, {df['case_id'].nunique()} patients")
