@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import textwrap
 from enum import Enum
@@ -32,23 +33,28 @@ MIN_TEXT_WIDTH = 12
 class EnvConsole:
     """A stand-in for a rich :class:`~rich.console.Console` that follows the environment.
 
-    Attribute access goes to a console built by :func:`make_console`, rebuilt when ``NO_COLOR`` or whether the
-    stream is a terminal changes (rich fixes its colour system when a console is made). The same console is
-    returned while neither changes, so live progress displays and prints share one console.
+    Attribute access goes to a console built by :func:`make_console`, rebuilt when ``NO_COLOR``, ``COLUMNS`` /
+    ``LINES`` or whether the stream is a terminal change (rich fixes its colour system and a ``COLUMNS`` width
+    when a console is made). The same console is returned while none changes, so live progress displays and
+    prints share one console.
     """
 
     def __init__(self, stderr: bool = False) -> None:
         self._stderr = stderr
         self._console: Console | None = None
-        self._key: tuple[bool, bool] | None = None
+        self._key: tuple | None = None
+
+    @staticmethod
+    def _env() -> tuple:
+        return no_color(), os.environ.get("COLUMNS"), os.environ.get("LINES")
 
     def get(self) -> Console:
         """The console for now."""
         current = self._console
-        if current is not None and self._key == (no_color(), current.is_terminal):
+        if current is not None and self._key == (*self._env(), current.is_terminal):
             return current
         current = make_console(self._stderr)
-        self._console, self._key = current, (no_color(), current.is_terminal)
+        self._console, self._key = current, (*self._env(), current.is_terminal)
         return current
 
     def __getattr__(self, name: str) -> Any:
