@@ -202,6 +202,17 @@ def test_unreachable_tracking_uri_is_one_line_before_any_compute(kind, tmp_path)
     assert not (work / "tiles").exists() and not (work / "demo").exists()  # nothing was computed
 
 
+def test_evaluate_checks_the_store_before_reading_the_cohort(tmp_path):
+    uri = _unreachable("closed-port", tmp_path)
+    feats = tmp_path / "feats"
+    feats.mkdir()
+    work = tmp_path / "work"
+    result = runner.invoke(build_app(), ["evaluate", "--task", TASK, "--demo", "--features", str(feats), "--workdir",
+                                         str(work), "--tracking-uri", uri], env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and uri in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert not (work / "demo").exists()  # the synthetic cohort was not made
+
+
 # -- 3. a store that fails mid-run -------------------------------------------------------------------------------
 
 class _Down:

@@ -218,9 +218,9 @@ def evaluate_cmd(
     rep = reporter()
     comps = resolve(spec)
     feats = FeatureDir(features)
-    manifest = load_cohort(spec, comps.task, rep)
-    tracker = Tracker(tracking_uri, enabled=not no_track)
+    tracker = Tracker(tracking_uri, enabled=not no_track, journal_dir=Path(workdir) / "runs", reporter=rep)
     with tracker.run(comps.task.name, f"features:{features.name}+{comps.aggregator.name}", stage="run") as run_id:
+        manifest = load_cohort(spec, comps.task, rep)  # after the store's check: nothing is computed for a dead store
         resolved = comps.resolved()
         tracker.params({"run": {"pretext": f"features:{features.name}", "seed": seed, "demo": demo},
                         "features": str(features), **{k: resolved[k] for k in ("task", "aggregator", "eval", "protocol")},
@@ -229,5 +229,10 @@ def evaluate_cmd(
         result, splits, _ = evaluate_stage(spec, comps, manifest, feats, rep)
         log_evaluation(tracker, spec, comps, manifest, result, splits, feats.root, run_id)
     print_result(result.per_fold, result.summary, comps.task.primary_metric, f"{task} · features {features}")
+    if tracker.offline:
+        err_console.print(f"[yellow]warning:[/] tracking store {tracker.uri} failed during the run: results are in "
+                          f"{tracker.journal_path.parent}; the next histobench run on this store logs them "
+                          f"(exit code {EXIT_NOT_LOGGED})", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_NOT_LOGGED)
     if run_id:
         console.print(f"MLflow run [bold]{run_id}[/]")
