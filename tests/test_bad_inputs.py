@@ -657,6 +657,26 @@ def test_cli_full_disk_during_pretraining_names_the_checkpoint_and_loses_nothing
     assert (work / "status.csv").read_text().startswith(status_before)
 
 
+def test_cli_full_disk_in_any_stage_is_one_line_naming_the_file(work, monkeypatch):
+    """Outside the checkpoint too: a tile file that cannot be written (EFBIG) stops the command in one line
+    naming it, and the files written before stay."""
+    import errno
+
+    from histobench.slides import tiling
+
+    shutil.rmtree(work / "tiles")  # the tiles are made again, and their first write fails
+    before = snapshot(work, "demo", "features")
+
+    def full(self, path, *a, **k):
+        raise OSError(errno.EFBIG, "File too large", str(path))
+
+    monkeypatch.setattr(tiling.TileSet, "save", full)
+    line = one_line_error(cli("extract", *DEMO, "--workdir", work), "error: cannot write ",
+                          "DEMO-0001-01.npz: File too large (the disk is full or a file-size limit was reached)")
+    assert str(work / "tiles") in line
+    assert_kept(before, work, "demo", "features")
+
+
 # ========================================================================================== feature files
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -15,6 +16,9 @@ from histobench.errors import HistobenchError
 
 console = EnvConsole()
 err_console = EnvConsole(stderr=True)
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 def handle_errors(fn: Callable) -> Callable:
@@ -32,6 +36,14 @@ def handle_errors(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]: finished stages are cached; run the same command to resume")
             raise typer.Exit(130) from None
+        except OSError as err:  # a full disk or a file-size limit, from any writer: one line, naming the file
+            if err.errno not in DISK_FULL_ERRNOS:
+                raise
+            where = f" {err.filename}" if err.filename else " a file"
+            err_console.print(f"[bold red]error:[/] cannot write{escape(where)}: {escape(err.strerror or str(err))} "
+                              f"(the disk is full or a file-size limit was reached); finished stages are kept",
+                              highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
 
     return wrapper
 
