@@ -80,6 +80,12 @@ def _artifact_root(tracking_uri: str) -> str | None:
     return None if db is None else (Path(db).resolve().parent / "mlartifacts").as_uri()
 
 
+def _store_key(tracking_uri: str) -> str:
+    """The URI with a SQLite file made absolute: two runs started in different folders name one store alike."""
+    db = _sqlite_path(tracking_uri)
+    return tracking_uri if db is None else "sqlite:///" + str(Path(db).resolve())
+
+
 def _sqlite_path(tracking_uri: str) -> str | None:
     """The database file of a ``sqlite:///`` URI (``None`` for other stores and in-memory databases)."""
     from urllib.parse import unquote
@@ -259,7 +265,7 @@ class Tracker:
             self.journal_path = self.journal_dir / run_id / "journal.jsonl"
             self._journal = Journal(self.journal_path)
             owner = me()
-            self._journal.append({"op": "open", "uri": uri, "experiment": experiment, "experiment_id": exp_id,
+            self._journal.append({"op": "open", "uri": uri, "store": _store_key(uri), "experiment": experiment, "experiment_id": exp_id,
                                   "owner": {"host": owner.host, "pid": owner.pid, "started": owner.started}})
             self._journal.append({"op": "start", "key": run_id, "parent": None, "experiment_id": exp_id,
                                   "name": name, "tags": run_tags, "time": run.info.start_time})
@@ -466,8 +472,8 @@ class Tracker:
         for path in jr.journals(journal_dir):
             entries = jr.read(path)
             head = jr.header(entries)
-            if not jr.is_pending(entries) or head.get("uri") != self.uri:
-                continue
+            if not jr.is_pending(entries) or head.get("store") != _store_key(self.uri):
+                continue  # written for another store (a relative SQLite path counts from where the run started)
             owner = Owner(**head["owner"]) if "owner" in head else None
             top = next((e["key"] for e in entries if e.get("op") == "start" and e.get("parent") is None), None)
             ended = any(e.get("op") == "end" and e.get("key") == top for e in entries)
