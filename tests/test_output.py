@@ -191,6 +191,11 @@ def test_no_color_removes_every_escape_even_when_a_terminal_is_forced():
     assert plain.returncode == 0 and ESC not in plain.stdout and "tcga-nsclc" in plain.stdout
     err = histobench("pretexts", "show", "dinoo", FORCE_COLOR="1", NO_COLOR="1")
     assert err.returncode == 2 and "Did you mean 'dino'" in err.stderr and ESC not in err.stderr
+    assert ESC in histobench("tasks", "--help", FORCE_COLOR="1").stdout  # Typer's help, styled when forced
+    helped = histobench("tasks", "--help", FORCE_COLOR="1", NO_COLOR="1")
+    assert helped.returncode == 0 and "list" in helped.stdout and ESC not in helped.stdout
+    usage = histobench("tasks", "lis", FORCE_COLOR="1", NO_COLOR="1")
+    assert usage.returncode == 2 and "No such command" in usage.stderr and ESC not in usage.stderr
 
 
 def test_no_color_applies_to_a_console_made_before_it_was_set(monkeypatch):

@@ -47,10 +47,15 @@ def build_app() -> typer.Typer:
 
 
 def main() -> None:
+    import typer.rich_utils
     from rich.markup import escape
 
     from histobench.cli.common import err_console
     from histobench.errors import HistobenchError
+    from histobench.reporting import no_color
+
+    if no_color():  # Typer's help and usage errors: no style escapes either (its consoles read this global)
+        typer.rich_utils.COLOR_SYSTEM = None
 
     try:
         app = build_app()
