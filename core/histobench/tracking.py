@@ -265,7 +265,8 @@ class Tracker:
             self.journal_path = self.journal_dir / run_id / "journal.jsonl"
             self._journal = Journal(self.journal_path)
             owner = me()
-            self._journal.append({"op": "open", "uri": uri, "store": _store_key(uri), "experiment": experiment, "experiment_id": exp_id,
+            self._journal.append({"op": "open", "uri": uri, "store": _store_key(uri), "experiment": experiment,
+                                  "experiment_id": exp_id,
                                   "owner": {"host": owner.host, "pid": owner.pid, "started": owner.started}})
             self._journal.append({"op": "start", "key": run_id, "parent": None, "experiment_id": exp_id,
                                   "name": name, "tags": run_tags, "time": run.info.start_time})
