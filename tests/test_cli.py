@@ -80,3 +80,15 @@ def test_help_lists_commands():
     for cmd in ("run", "pretrain", "extract", "evaluate", "leaderboard", "plugins", "pretexts", "tasks"):
         assert cmd in result.output
 
+
+
+def test_list_and_plugins_json_include_a_throwaway_plugin(register_plugin):
+    import json
+
+    register_plugin(Throwaway(), "throwaway")
+    records = json.loads(invoke("encoders", "list", "--format", "json").stdout)
+    mine = [r for r in records if r["name"] == "throwaway-enc"]
+    assert len(mine) == 1 and mine[0]["plugin"] == "throwaway"
+    plugins = {r["plugin"]: r for r in json.loads(invoke("plugins", "--format", "json").stdout)}
+    assert {"kind": "encoder", "name": "throwaway-enc"} in plugins["throwaway"]["registers"]
+    assert {"kind": "task", "name": "throwaway-task"} in plugins["throwaway"]["registers"]
