@@ -260,3 +260,17 @@ def test_json_holds_the_csv_rows_with_nulls(written, store):
 
     mixed = json.loads(to_json(pd.DataFrame([{"a": 1.5, "n": 2}, {"b": "x", "n": 3}])))
     assert mixed == [{"a": 1.5, "n": 2, "b": None}, {"a": None, "n": 3, "b": "x"}]
+
+
+def test_terminal_table_never_breaks_a_value(store):
+    tmp, uri, ids = store
+    narrow = runner.invoke(build_app(), ["leaderboard", "--task", TASK, "--format", "table", "--tracking-uri", uri],
+                           env={"COLUMNS": "80"})
+    assert narrow.exit_code == 0, narrow.output
+    text = narrow.stdout  # 80 columns: one block per run, headed by rank and components
+    assert text.index("#1 dino + timm + abmil\n") < text.index("#2 none + timm + abmil\n")
+    assert "  macro_auc fold 95% CI: [0.850, 0.950]\n" in text and f"  run_id: {ids['first'][:12]}\n" in text
+    wide = runner.invoke(build_app(), ["leaderboard", "--task", TASK, "--format", "table", "--tracking-uri", uri],
+                         env={"COLUMNS": "400"})
+    rows = [ln for ln in wide.stdout.splitlines() if ln.startswith("│ 1 ")]
+    assert len(rows) == 2 and re.search(r"│ 0\.900 ± 0\.020 │ \[0\.850, 0\.950\] +│", rows[0])  # a table per protocol

@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
-from rich.text import Text
-
 from histobench.cli.common import TaskOpt, TrackingOpt, console
+from histobench.cli.output import NAME, TEXT, print_records
 from histobench.errors import HistobenchError
+
+WRAPPING = frozenset({"non-default eval", "pretrain cohort"})
+"""Terminal columns of free text (they may wrap); every other column holds names or numbers (never broken)."""
 
 
 def leaderboard_cmd(
@@ -44,13 +45,12 @@ def leaderboard_cmd(
             shown = shown.assign(run_id=shown["run_id"].str[:12])
         for protocol in protocols(shown):
             part = shown[shown["protocol"] == protocol].drop(columns="protocol")
-            table = Table(title=Text(f"{name} leaderboard · protocol {protocol} (by {primary}, mean over folds)"),
-                          title_justify="left")
-            for col in part.columns:
-                table.add_column(Text(str(col)), overflow="fold")
-            for row in part.astype(str).itertuples(index=False):
-                table.add_row(*(Text(v) for v in row))  # run names and params are text, never rich markup
-            console.print(table)
+            # names, numbers and intervals are never broken; a narrow terminal or a pipe gets a block per run
+            columns = [(str(c), TEXT if c in WRAPPING else NAME) for c in part.columns]
+            print_records(console, f"{name} leaderboard · protocol {protocol} (by {primary}, mean over folds)",
+                          columns, [list(row) for row in part.astype(str).itertuples(index=False)],
+                          heading="#{0} " + " + ".join(f"{{{list(part.columns).index(c)}}}" for c in
+                                                       ("pretext", "encoder", "aggregator") if c in part.columns))
         for line in notes(df, name, primary):
             console.print(line, highlight=False, markup=False)
     if paths:

@@ -104,9 +104,12 @@ def _name_width(header: str, cells: Iterable[str]) -> int:
     return max([len(header), *(len(line) for c in cells for line in c.split("\n"))])
 
 
-def print_records(console, title: str, columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[Any]]) -> str:
+def print_records(console, title: str, columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[Any]],
+                  heading: str = "{0}") -> str:
     """Print ``rows`` under ``columns`` (``(header, kind)`` pairs) as a table or, when the names would not
-    fit beside the free text, as one block per record. Returns the layout used: ``"table"`` or ``"blocks"``.
+    fit beside the free text, as one block per record: a ``heading`` line (a format string of the row's cells,
+    the first by default), then ``header: value`` for each other non-empty cell. Returns the layout used:
+    ``"table"`` or ``"blocks"``.
 
     Every cell is shown as text (no rich markup is read from it)."""
     from rich.table import Table
@@ -129,7 +132,7 @@ def print_records(console, title: str, columns: Sequence[tuple[str, str]], rows:
         return "table"
     console.print(Text(title, style="bold"), soft_wrap=True)
     for row in cells:
-        console.print(Text(row[0], style="bold"), soft_wrap=True)
+        console.print(Text(heading.format(*row), style="bold"), soft_wrap=True)
         for (header, kind), value in zip(columns[1:], row[1:]):
             if not value:
                 continue
