@@ -191,7 +191,7 @@ def extract_features(
         while pending:
             mine, busy = [], []
             for s in pending:
-                lock = locks.get(s.slide_id) or OutputLock(paths[s.slide_id], reporter)
+                lock = OutputLock(paths[s.slide_id], reporter)
                 if not lock.try_acquire():
                     busy.append(s)
                 elif is_complete(paths[s.slide_id], expected[s.slide_id]):  # finished meanwhile by another process
@@ -205,13 +205,12 @@ def extract_features(
                 done_tiles += encode(mine, locks)
                 extracted += len(mine)
             pending = []
-            for s in busy:
-                lock = OutputLock(paths[s.slide_id], reporter).acquire()
-                if is_complete(paths[s.slide_id], expected[s.slide_id]):
-                    lock.release()
+            for s in busy:  # wait for each; one left unfinished (its writer died) goes to the next round
+                with OutputLock(paths[s.slide_id], reporter):  # held only while looking: no lock-order cycles
+                    done = is_complete(paths[s.slide_id], expected[s.slide_id])
+                if done:
                     skipped += 1
                 else:
-                    locks[s.slide_id] = lock
                     pending.append(s)
     finally:
         for lock in locks.values():
