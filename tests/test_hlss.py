@@ -687,7 +687,12 @@ def test_setup_caches_the_text_banks_in_the_work_directory(tmp_path, monkeypatch
     torch.save(data, bank_file)
     with pytest.raises(HistobenchError) as e:
         make_pretext(tmp_path, cache_dir=cache, adapter_warning=False)
-    assert "\n" not in str(e.value) and str(bank_file) in str(e.value) and "does not match its own texts" in str(e.value)
+    msg = str(e.value)
+    assert "\n" not in msg and str(bank_file) in msg and "does not match its own texts" in msg
+    assert msg.endswith("(a cached text bank: delete it and the next run rebuilds it)")
+    bank_file.unlink()
+    rebuilt, *_ = make_pretext(tmp_path, cache_dir=cache)
+    assert bank_file.is_file() and torch.equal(rebuilt.heads.bank("slide"), first.heads.bank("slide"))
 
 
 def test_shares_image_space_is_read_from_the_instance(tmp_path):

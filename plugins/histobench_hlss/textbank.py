@@ -196,7 +196,10 @@ def text_banks(descriptions: Descriptions, text_encoder: "TextEncoder", cache_di
         return text_encoder.stored_banks()
     path = Path(cache_dir) / bank_file_name(sha, identity) if cache_dir is not None else None
     if path is not None and path.is_file():
-        return _banks_from(read_bank_file(path, sha, identity))
+        try:
+            return _banks_from(read_bank_file(path, sha, identity))
+        except HistobenchError as err:  # a file of the cache: say how to get a good one back
+            raise HistobenchError(f"{err} (a cached text bank: delete it and the next run rebuilds it)") from None
     banks, sentences, emb = build_banks(descriptions, text_encoder, reporter)
     if path is not None:
         _atomic_save(_payload(descriptions, text_encoder, banks, sentences, emb), path)
