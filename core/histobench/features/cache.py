@@ -131,15 +131,27 @@ def read_features(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
 
 
 def is_complete(path: Path, expected: Mapping[str, Any]) -> bool:
-    """True if ``path`` exists and its attributes equal ``expected`` (a stale file is never reused)."""
+    """True if ``path`` exists, its attributes equal ``expected`` (a stale file is never reused) and it is
+    whole: ``features [N, D]`` and ``coords [N, 2]`` with one row per tile, the last row readable. A damaged
+    or partial file is False, so it is written again rather than trusted."""
     import h5py
 
     if not Path(path).exists():
         return False
     try:
         with h5py.File(path, "r") as f:
-            return all(str(f.attrs.get(k)) == str(v) for k, v in expected.items()) and "features" in f
-    except OSError:
+            if not all(str(f.attrs.get(k)) == str(v) for k, v in expected.items()):
+                return False
+            if "features" not in f or "coords" not in f:
+                return False
+            feats, coords = f["features"], f["coords"]
+            if feats.ndim != 2 or coords.ndim != 2 or coords.shape[1] != 2 or feats.shape[0] != coords.shape[0]:
+                return False
+            if feats.shape[0]:  # the last chunk is where a cut-short write would show
+                np.asarray(feats[-1])
+                np.asarray(coords[-1])
+            return True
+    except (OSError, ValueError, KeyError):
         return False
 
 

@@ -38,6 +38,7 @@ import numpy as np
 from histobench.components import CohortMeta, Encoder, PretrainContext, Pretext, TrainOptions
 from histobench.device import channels_last, resolve_device
 from histobench.errors import HistobenchError
+from histobench.faults import fault_point
 from histobench.pretrain.schedules import cosine_schedule
 from histobench.reporting import Reporter
 
@@ -200,12 +201,36 @@ def _load_checkpoint(path: Path, dev, reporter: Reporter) -> dict[str, Any] | No
     return state
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then a rename: a crash leaves the old file or the new
+    one under ``path``, never a half-written one (a reader still checks, see :func:`_load_checkpoint`).
+
+    With a fault armed (:mod:`histobench.faults`) the bytes are made in memory first, so that the process can
+    die with exactly half of them in the temporary file (``pretrain.checkpoint_half``) or with all of them
+    there, not yet renamed (``pretrain.checkpoint_rename``)."""
     import torch
 
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
+    from histobench.faults import armed, fault_point
+
+    tmp = path.with_name(path.name + ".tmp")
+    if armed("pretrain.checkpoint_half"):
+        import io
+
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        data = buf.getvalue()
+        with open(tmp, "wb") as fh:
+            fh.write(data[: len(data) // 2])
+            fh.flush()
+            fault_point("pretrain.checkpoint_half")
+            fh.write(data[len(data) // 2:])
+    else:
+        torch.save(obj, tmp)
+    fault_point("pretrain.checkpoint_rename")
     os.replace(tmp, path)
+
+
+_save_atomic = save_atomic
 
 
 _DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
@@ -424,6 +449,7 @@ def pretrain(
                 history.append({"step": step - 1, **logged})
                 st.advance(n_images * world)
                 st.set(loss=logged["loss"], epoch=epoch)
+                fault_point("pretrain.step")
                 if tracker is not None and (step % 10 == 0 or step == stop):
                     m = {f"train/{k}": v for k, v in logged.items()}
                     m["train/images_per_second"] = images_seen / max(time.perf_counter() - t_start, 1e-9)
