@@ -102,10 +102,9 @@ def _load_state(module: "nn.Module", path: Path, what: str, encoder: str) -> Non
         raise HistobenchError(f"{what} could not be read as a state dict ({type(err).__name__})") from None
     if not isinstance(state, dict):
         raise HistobenchError(f"{what} does not hold a state dict")
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as err:
-        raise HistobenchError(f"{what} does not fit encoder {encoder!r}: {str(err).strip().splitlines()[0]}") from None
+    from histobench.weights import load_strict
+
+    load_strict(module, state, f"{what} does not fit encoder {encoder!r}")
 
 
 def _ready(module: "nn.Module", device: "torch.device") -> "nn.Module":

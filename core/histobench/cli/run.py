@@ -178,10 +178,10 @@ def extract_cmd(
     if weights is not None:
         if not weights.exists():
             raise HistobenchError(f"weights file {weights} does not exist")
-        try:
-            module.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        except RuntimeError as err:
-            raise HistobenchError(f"weights file {weights} does not fit encoder {encoder!r}: {str(err).splitlines()[0]}") from None
+        from histobench.weights import load_strict
+
+        load_strict(module, torch.load(weights, map_location="cpu", weights_only=True),
+                    f"weights file {weights} does not fit encoder {encoder!r}")
         # weights from `histobench pretrain` keep its tag, so that `histobench run` finds these features
         tag = weights.parent.name if (weights.parent / "checkpoint.pt").exists() else f"file-{weights.stem}"
     manifest = load_cohort(spec, comps.task, rep)
