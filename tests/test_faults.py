@@ -10,6 +10,7 @@ After each kill the same command runs again without the fault, and the case surv
   same feature arrays);
 * every cache file in the work directory is readable and verified (tile sets, decoded-tile cache,
   checkpoints and encoder weights, feature files, segmentation files), and no temporary or lock file is left;
+* the killed command's MLflow runs do not stay RUNNING (the rerun marks them FAILED);
 * no file is lost: every output that existed before the killed command, and every finished output written
   before the kill, still exists with the same bytes (sha256).
 
@@ -167,6 +168,14 @@ def fold_metrics(store: Path) -> tuple[dict[str, dict[str, float]], str]:
     return {r.info.run_name: dict(r.data.metrics) for r in folds}, rid
 
 
+def _running_runs(store: Path) -> list[str]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=_uri(store))
+    exps = [e.experiment_id for e in client.search_experiments()]
+    return [r.info.run_name for r in client.search_runs(exps, "attributes.status = 'RUNNING'")]
+
+
 def _encoder_state(work: Path) -> dict:
     import torch
 
@@ -317,6 +326,9 @@ def _compare(ref: Reference, command: str, work: Path, store: Path) -> list[str]
     if command == "run":
         folds, rid = fold_metrics(store)
         out = [] if folds == ref.folds else [f"per-fold metrics differ: {folds} != {ref.folds}"]
+        running = _running_runs(store)  # the killed run's, marked FAILED by the rerun (histobench.tracking)
+        if running:
+            out.append(f"MLflow runs left RUNNING: {running}")
         if (work / "runs" / rid / "predictions.csv").read_text() != ref.predictions:
             out.append("predictions differ")
         return out
