@@ -1,9 +1,10 @@
 """DiRL-R: the spec's CPU fidelity checks (``/work/shared/methods/dirl.md`` §7), numbered as there.
 
-Checks 7 and 8 (attention de-sparsification, grouping ablation order) compare attention metrics and are not
-here (see the plugin README). The oracle data is a small synthetic demo cohort segmented by the ``oracle``
-(true nuclei: 1 tumour, 2 lymphocyte, 3 fibroblast); DiRL and DINO are trained once on it, with the same seed,
-data and epochs, and shared by the checks (module-scoped fixtures).
+Checks 7 and 8 (attention de-sparsification, grouping ablation order) use the core's attention metrics
+(:mod:`histobench.analyses.attention_metrics`) on the small cohort's tiles. The oracle data is a small
+synthetic demo cohort segmented by the ``oracle`` (true nuclei: 1 tumour, 2 lymphocyte, 3 fibroblast); DiRL
+and DINO are trained once on it, with the same seed, data and epochs, and shared by the checks (module-scoped
+fixtures); check 8 trains DiRL twice more, with G1 and G2 groupings.
 """
 
 import math
@@ -13,9 +14,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from histobench import hookimpl  # noqa: E402
 from histobench.components import PretrainContext  # noqa: E402
 from histobench.errors import HistobenchError  # noqa: E402
 from histobench.registry import create  # noqa: E402
+from histobench.segment.oracle import OracleSegmenter  # noqa: E402
 from histobench.ssl.losses import DINOLoss  # noqa: E402
 from histobench_dirl import grouping as G  # noqa: E402
 from histobench_dirl.loss import DenseLoss, pool_groups  # noqa: E402
@@ -407,6 +410,60 @@ def test_7_dirl_attention_is_less_sparse_than_dinos(oracle, trained):
     assert a["prior_kl"].mean() < b["prior_kl"].mean() and tests["prior_kl"]["p"] < 0.05
 
 
+# ------------------------------------------------------------------ 8. grouping ablation (one seed, CPU budget)
+
+ABLATION = ("types", "morphology", "binary", "dino")  # the spec's expected order, most diverse first
+# ties within these are no ordering: 0.5 % of the entropy's range, and one token of the 8 x 8 grid for F(0.6)
+RESOLUTION = {"entropy": 0.005, "F0.6": 1 / 64}
+
+
+@pytest.fixture(scope="module")
+def ablation(oracle, trained):
+    """DiRL with the true types (the fixture's model), with G1 morphology pseudo-types fitted on the oracle's
+    nuclei, with G2 nucleus vs none, and DINO: same seed, data and epochs."""
+    # G1's k-means sample seed 1: its own grouping file and group entries, so check 9 still sees a fresh cache
+    return {"types": trained["dirl"], "morphology": train("dirl", oracle, {"grouping": "morphology", "grouping_seed": 1}),
+            "binary": train("dirl", oracle, {"grouping": "binary"}), "dino": trained["dino"]}
+
+
+def ablation_table(oracle, ablation):
+    """Per model and metric: the per-tile values (head-averaged) on every tile of the small cohort."""
+    return {name: attention_metrics(ablation[name][0].encoder, oracle) for name in ABLATION}
+
+
+def test_8_the_ablation_trains_every_grouping_on_the_same_data(ablation):
+    """What check 8 compares: four models, each the groups it was asked for (K = 4, C + 1, 2; DINO none)."""
+    assert [ablation[k][1].n_groups for k in ABLATION[:3]] == [4, ablation["morphology"][1].grouping.model.n_clusters + 1, 2]
+    assert ablation["morphology"][1].grouping.mode == "morphology" and ablation["binary"][1].grouping.mode == "binary"
+    steps = {k: v[0].steps for k, v in ablation.items()}
+    assert len(set(steps.values())) == 1, steps
+    for k in ABLATION[:3]:
+        assert min(h["valid_terms"] for h in ablation[k][0].history) > 0
+    # fewer groups, fewer valid (pair, group) terms per pair: binary has at most 2
+    assert np.mean([h["valid_groups"] for h in ablation["binary"][0].history]) <= 2
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "spec check 8 order not shown on this CPU budget (one seed, 10 epochs of 52 tiles, 69 tiles scored): every "
+    "model's [CLS] attention is still uniform, so the ends are not apart: entropy 0.99997, F(0.6) 0.60575 and "
+    "prior KL 1e-5 for all four of types, G1, G2 and DINO (equal to 5 decimals); the numbers are printed and in "
+    "the plugin README"))
+def test_8_diversity_orders_true_types_then_g1_then_g2_then_dino(oracle, ablation):
+    """DiRL(true types) >= DiRL(G1) >= DiRL(G2) >= DINO in normalised entropy and F(0.6) (seed mean; a step may
+    tie within RESOLUTION), and the ends visibly apart: true types above DINO by more than RESOLUTION, with a
+    paired Wilcoxon p < 0.05 over the tiles."""
+    from histobench.analyses.attention_metrics import paired_wilcoxon
+
+    table = ablation_table(oracle, ablation)
+    for m in ("entropy", "F0.6", "prior_kl"):
+        print(f"check 8 {m}:", {k: round(float(table[k][m].mean()), 5) for k in ABLATION})
+    for m, tol in RESOLUTION.items():
+        means = [float(table[k][m].mean()) for k in ABLATION]
+        assert all(a >= b - tol for a, b in zip(means, means[1:])), (m, dict(zip(ABLATION, means)))
+        ends = paired_wilcoxon(table["types"][m], table["dino"][m])
+        assert means[0] - means[-1] > tol and ends["p"] < 0.05, (m, means, ends["p"])
+
+
 # ------------------------------------------------------------------------------------------- 9. cache
 
 
@@ -546,6 +603,76 @@ def test_10_abmil_on_dirl_features_is_no_worse_than_on_dino_features(oracle, tra
     print(f"check 10: ABMIL AUC DiRL {auc_dirl:.3f}, DINO {auc_dino:.3f} (rare type {rare}, {n_pos} positive tiles)")
     assert n_pos >= 4
     assert auc_dirl >= auc_dino - 0.02
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+class GappyOracle(OracleSegmenter):
+    """The oracle, but it finds no nucleus on slide ``empty_slide`` and fails on the first tile of slide
+    ``fail_slide`` that it sees (the segmentation stage records the failure; that tile then has no nuclei)."""
+
+    name = "oracle-gappy"
+
+    class Options(OracleSegmenter.Options):
+        empty_slide: str = ""
+        fail_slide: str = ""
+
+    def segment(self, tile, ref=None):
+        inst, types = super().segment(tile, ref)
+        seen = self.__dict__.setdefault("_seen", set())
+        if ref.slide_id == self.options.fail_slide and ref.slide_id not in seen:
+            seen.add(ref.slide_id)
+            raise RuntimeError("simulated segmenter failure")
+        if ref.slide_id == self.options.empty_slide:
+            return np.zeros_like(inst), np.zeros_like(types)
+        return inst, types
+
+
+class GappyPlugin:
+    @hookimpl
+    def register_segmenters(self, register):
+        register(GappyOracle)
+
+
+@pytest.mark.parametrize("grouping", ["morphology", "types"])
+def test_a_slide_without_nuclei_and_a_failed_tile_still_train(oracle, register_plugin, grouping):
+    """Bad input of the segmentation stage reaches DiRL as nuclei-free tiles: the failed tile is recorded with its
+    reason, the empty slide's tiles are all group 0 (no nucleus), and a training epoch has finite losses and
+    valid terms from the other slides."""
+    import tempfile
+    from pathlib import Path
+
+    from histobench.components import CohortMeta
+    from histobench.pretrain.trainer import pretrain
+    from histobench.segment import segment_cohort
+
+    register_plugin(GappyPlugin(), "dirl-gappy-oracle")
+    o = oracle
+    train_slides = o["train_slides"]
+    empty, failing = train_slides[0].slide_id, train_slides[1].slide_id
+    seg = segment_cohort(create("segmenter", "oracle-gappy", {"empty_slide": empty, "fail_slide": failing}),
+                         train_slides, o["tmp"] / f"gappy-work-{grouping}", quiet(), workers=0)
+    assert seg.failed == 1 and seg.failures[0][0] == failing and "simulated segmenter failure" in seg.failures[0][2]
+    folder = o["tmp"] / f"gappy-{grouping}"
+    data = masked_dataset(train_slides, seg, folder)
+    pre = create("pretext", "dirl", {"grouping": grouping}, preset="demo")
+    enc = create("encoder", "timm", None, preset="demo")
+    opts = type(pre).train_options("demo", epochs=1, batch_size=16, num_workers=0)
+    with tempfile.TemporaryDirectory() as out:
+        res = pretrain(pre, enc, data, opts, out_dir=Path(out), seed=0, device="cpu", reporter=quiet(),
+                       cohort=CohortMeta(o["slide_ids"], o["slide_ids"]),
+                       segmentation={"identity": seg.identity, **seg.info})
+    assert all(math.isfinite(h["loss"]) and math.isfinite(float(h["loss_dense"])) for h in res.history)
+    assert sum(h["valid_terms"] for h in res.history) > 0
+    rows = [i for i in range(len(data)) if data[i]["slide_index"] == 0]
+    assert rows and all(int(data[i]["instances"].max()) == 0 for i in rows)
+    batch = [data[i] for i in rows]
+    maps = pre.group_maps({"instances": torch.stack([b["instances"] for b in batch]),
+                           "types": torch.stack([b["types"] for b in batch]),
+                           "slide_index": torch.tensor([b["slide_index"] for b in batch]),
+                           "tile_index": torch.tensor([b["tile_index"] for b in batch])})
+    assert int(maps.max()) == 0  # every pixel of the nuclei-free slide is "no nucleus"
 
 
 # ------------------------------------------------------------------------------------------ end to end

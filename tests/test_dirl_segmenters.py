@@ -85,7 +85,7 @@ def test_hed_watershed_contract():
 def test_hed_watershed_density_on_real_he_with_an_overlay_in_mlflow(tmp_path, tracking_uri):
     """CMU-1-Small-Region, every tissue tile at 0.5 µm/px, 256 px: nuclei per mm² of tile area, and the overlay
     picture logged to MLflow (``histobench_dirl.density``, the ``nuclei_density.py`` script). Measured 4,253 /mm²
-    (2,230 nuclei in 32 tiles, 4,593 /mm² of tissue, 13 % of pixels in nuclei, mean nucleus 35 µm²)."""
+    (2,230 nuclei in 32 tiles, 4,593 /mm² of tissue, 13 % of pixels in nuclei, mean nucleus 31 µm²)."""
     from PIL import Image
 
     from histobench.tracking import download_artifact, get_run
