@@ -25,6 +25,9 @@ from histobench.cli.app import build_app
 
 runner = CliRunner()
 SMALL = ["-o", "task.demo_patients=12", "-o", "task.demo_slide_px=1536", "-o", "task.folds=3", "-o", "eval.epochs=8"]
+# what these tests measure is the store, not the folds: the smallest demo that still evaluates
+TINY = ["-o", "task.demo_patients=6", "-o", "task.demo_slide_px=1536", "-o", "task.folds=2", "-o", "eval.epochs=2",
+        "-o", "eval.min_test_per_class=0"]
 TASK = "tcga-nsclc"
 
 
@@ -140,9 +143,7 @@ def test_sigkilled_histobench_run_is_marked_failed_by_the_next_run(tmp_path):
     """``histobench run`` is SIGKILLed during pretraining; the next run ends its parent and nested runs FAILED."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     work = tmp_path / "work"
-    tiny = ["-o", "task.demo_patients=6", "-o", "task.demo_slide_px=1536", "-o", "task.folds=2", "-o", "eval.epochs=2",
-            "-o", "eval.min_test_per_class=0"]  # what is measured here is the store, not the folds
-    common = ["--task", TASK, "--demo", "--workdir", str(work), "--tracking-uri", uri, *tiny]
+    common = ["--task", TASK, "--demo", "--workdir", str(work), "--tracking-uri", uri, *TINY]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
     _client(uri).search_experiments()  # the store exists before two processes use it
     proc = subprocess.Popen([sys.executable, "-m", "histobench", "run", "--pretext", "dino", *common,
@@ -347,7 +348,7 @@ def test_real_server_stopped_mid_run_loses_no_result(tmp_path):
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
     work = tmp_path / "work"
-    args = ["run", "--pretext", "none", "--task", TASK, "--demo", "--workdir", str(work), "--tracking-uri", uri, *SMALL]
+    args = ["run", "--pretext", "none", "--task", TASK, "--demo", "--workdir", str(work), "--tracking-uri", uri, *TINY]
 
     server = _start_server(root, port)
     seen, stop = {}, threading.Event()
@@ -365,7 +366,7 @@ def test_real_server_stopped_mid_run_loses_no_result(tmp_path):
     (journal,) = work.glob("runs/*/journal.jsonl")
     run_dir = journal.parent
     on_disk = json.loads((run_dir / "results.json").read_text())
-    assert (run_dir / "predictions.csv").exists() and len(on_disk["folds"]) == 3
+    assert (run_dir / "predictions.csv").exists() and len(on_disk["folds"]) == 2
 
     server = _start_server(root, port)  # the same database, back again
     try:
@@ -380,7 +381,7 @@ def test_real_server_stopped_mid_run_loses_no_result(tmp_path):
                 assert parent.data.metrics[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
         folds = sorted((r for r in _runs(uri) if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
                         and r.data.tags["histobench.stage"] == "fold"), key=lambda r: r.info.run_name)
-        assert [r.info.run_name for r in folds] == ["fold 0", "fold 1", "fold 2"]
+        assert [r.info.run_name for r in folds] == ["fold 0", "fold 1"]
         for run, fold in zip(folds, on_disk["folds"]):
             assert run.info.status == "FINISHED"
             assert {k: v for k, v in fold["metrics"].items() if v == v} == pytest.approx(run.data.metrics)
