@@ -454,6 +454,7 @@ def test_two_runs_at_once_on_one_workdir_and_store(ref, tmp_path, capsys):
               f"(single run {ref.seconds:.0f} s), {waits} waits on a lock")
 
 
+@pytest.mark.timeout(1800)  # six kill-and-rerun cycles: minutes on a busy 2-core machine
 def test_kill_and_rerun_default_set(ref, capsys):
     """Six seeded kills, one in each area and one from outside, each followed by a rerun."""
     rng = random.Random(14)
@@ -466,6 +467,7 @@ def test_kill_and_rerun_default_set(ref, capsys):
 
 
 @pytest.mark.faults
+@pytest.mark.timeout(7200)
 @pytest.mark.skipif(FULL, reason="the full fault set runs with -m faults or HISTOBENCH_FAULTS=1")
 def test_kill_and_rerun_full_set(ref, capsys):
     """At least 20 seeded moments over all five areas, the single-stage commands and external kills."""
