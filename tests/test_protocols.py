@@ -116,7 +116,10 @@ def test_leaderboard_groups_rows_by_protocol(runs):
 def test_folds_exist_before_pretraining_and_the_pretrain_manifest_is_recorded(tmp_path, tracking_uri):
     import mlflow
 
-    slide = REPO / "tests" / "data" / "slides" / "CMU-1-Small-Region.svs"
+    import shutil
+
+    # the manifest's slides lie under its own folder (the data root); a path outside it is refused
+    slide = shutil.copy(REPO / "tests" / "data" / "slides" / "CMU-1-Small-Region.svs", tmp_path)
     manifest = tmp_path / "pretrain.csv"
     manifest.write_text(f"slide_id,case_id,path\nCMU-1-Small-Region,CMU-1,{slide}\n")
     pm = load_plugins()
