@@ -677,6 +677,57 @@ def test_cli_full_disk_in_any_stage_is_one_line_naming_the_file(work, monkeypatc
     assert_kept(before, work, "demo", "features")
 
 
+_FEATURES_UNDER_A_LIMIT = """
+import resource, signal, sys
+from pathlib import Path
+import numpy as np
+from histobench.errors import HistobenchError
+from histobench.features.cache import FeatureWriter
+out = Path(sys.argv[1])
+first = FeatureWriter(out / "first.h5", np.zeros((4, 2), np.int64), {"tag": "x"}, dim=8)  # written before
+first.append(np.ones((4, 8), np.float32))
+first.close()
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+try:
+    writer = FeatureWriter(out / "big.h5", np.zeros((4096, 2), np.int64), {"tag": "x"})
+    for start in range(0, 4096, 512):
+        writer.append(np.ones((512, 64), np.float32))
+    writer.close()
+except HistobenchError as err:
+    print("ERROR", err)
+"""
+
+
+def test_a_full_disk_while_writing_a_feature_file_is_one_line_and_leaves_no_temporary_file(tmp_path):
+    """A real file-size limit (64 KiB) under the HDF5 writer: the file is refused before its rows are written
+    (HDF5 cannot close a file whose write failed for want of space without crashing the process), in one error
+    naming the feature file and the limit; no .tmp is left, and the file written before is intact."""
+    res = subprocess.run([sys.executable, "-c", _FEATURES_UNDER_A_LIMIT, str(tmp_path)], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (line,) = [ln for ln in res.stdout.splitlines() if ln.startswith("ERROR")]
+    assert line == (f"ERROR cannot write feature file {tmp_path / 'big.h5'}: it needs about 1.1 MiB and this process "
+                    f"may write files of at most 65536 bytes (ulimit -f); the slides written before it are kept")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first.h5"]
+    with h5py.File(tmp_path / "first.h5") as f:
+        assert f["features"].shape == (4, 8) and f.attrs["tag"] == "x"
+
+
+def test_disk_full_reason_reads_the_three_forms_a_full_disk_takes():
+    import errno
+
+    from histobench.errors import disk_full_reason
+
+    assert disk_full_reason(OSError(errno.ENOSPC, "No space left on device")).startswith("No space left on device")
+    assert disk_full_reason(RuntimeError("Can't decrement id ref count (unable to extend file properly, errno = 27, "
+                                         "error message = 'File too large')")).startswith("File too large")
+    assert "stopped short" in disk_full_reason(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos"))
+    assert disk_full_reason(OSError(errno.EACCES, "Permission denied")) is None
+    assert disk_full_reason(RuntimeError("errno = 13")) is None
+    assert disk_full_reason(ValueError("errno = 28")) is None
+
+
 # ========================================================================================== feature files
 
 

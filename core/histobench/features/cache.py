@@ -15,7 +15,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from histobench.errors import HistobenchError
+from histobench.errors import HistobenchError, disk_full_reason
 
 
 def weights_hash(module: Any) -> str:
@@ -63,6 +63,8 @@ class FeatureWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.n, self.pos, self.attrs = len(coords), 0, dict(attrs)
+        self._file = None
+        self._check_space(0 if dim is None else self.n * int(dim) * 4)
         self._file = h5py.File(self.tmp, "w")
         self._file.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
         self._features = None
@@ -70,6 +72,7 @@ class FeatureWriter:
             self._allocate(int(dim))
 
     def _allocate(self, dim: int) -> None:
+        self._check_space(self.n * dim * 4)
         self._features = self._file.create_dataset("features", shape=(self.n, dim), dtype=np.float32,
                                                    chunks=(min(max(self.n, 1), 1024), dim) if self.n else None)
 
@@ -77,10 +80,49 @@ class FeatureWriter:
         features = np.asarray(features, dtype=np.float32)
         if self.pos + len(features) > self.n:
             raise ValueError(f"{self.path.name}: {self.pos + len(features)} feature rows for {self.n} tiles")
-        if self._features is None:
-            self._allocate(features.shape[1])
-        self._features[self.pos:self.pos + len(features)] = features
+        try:
+            if self._features is None:
+                self._allocate(features.shape[1])
+            self._features[self.pos:self.pos + len(features)] = features
+        except (OSError, RuntimeError) as err:
+            raise self._write_failed(err) from err
         self.pos += len(features)
+
+    def _check_space(self, nbytes: int) -> None:
+        """Refuse, before writing, a file that cannot fit: HDF5 does not recover from a write that fails for want
+        of space (closing such a file can crash the process), so a full disk or a file-size limit is found
+        here, with room to spare, and the temporary file is removed."""
+        import resource
+        import shutil
+
+        need = nbytes + 16 * self.n + (1 << 20)  # features, coords, and a MiB for HDF5's own structures
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        try:
+            free = shutil.disk_usage(self.tmp.parent).free
+        except OSError:
+            free = None
+        if soft != resource.RLIM_INFINITY and need > soft:
+            why = f"this process may write files of at most {soft} bytes (ulimit -f)"
+        elif free is not None and need > free:
+            why = f"{free / 2**20:.1f} MiB free on its disk"
+        else:
+            return
+        if self._file is not None:
+            self.abort()
+        raise HistobenchError(f"cannot write feature file {self.path}: it needs about {need / 2**20:.1f} MiB and "
+                              f"{why}; the slides written before it are kept")
+
+    def _write_failed(self, err: BaseException) -> BaseException:
+        """A full disk or a file-size limit: the temporary file goes, and one line names the file."""
+        reason = disk_full_reason(err)
+        if reason is None:
+            return err
+        try:
+            self.abort()
+        except (OSError, RuntimeError):
+            self.tmp.unlink(missing_ok=True)
+        return HistobenchError(f"cannot write feature file {self.path}: {reason}; the slides written before it "
+                               f"are kept")
 
     def close(self) -> Path:
         if self._features is None and self.n == 0:
@@ -88,15 +130,19 @@ class FeatureWriter:
         if self.pos != self.n or self._features is None:
             self.abort()
             raise ValueError(f"{self.path.name}: {self.pos} feature rows written for {self.n} tiles")
-        for k, v in self.attrs.items():
-            self._file.attrs[k] = v
-        self._file.close()
+        try:
+            for k, v in self.attrs.items():
+                self._file.attrs[k] = v
+            self._file.close()
+        except (OSError, RuntimeError) as err:
+            raise self._write_failed(err) from err
         os.replace(self.tmp, self.path)
         return self.path
 
     def abort(self) -> None:
         try:
-            self._file.close()
+            if self._file is not None:
+                self._file.close()
         finally:
             self.tmp.unlink(missing_ok=True)
 

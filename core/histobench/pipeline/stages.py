@@ -216,9 +216,13 @@ def pretrain_stage(spec: RunSpec, comps: Components, slides, reporter: Reporter,
                           device=spec.device, reporter=reporter, tracker=tracker, cohort=cohort,
                           text_encoder=comps.text_encoder, segmentation=seg_info, cache_dir=Path(spec.workdir) / "cache")
         if _rank()[0] == 0:
-            from histobench.pretrain.trainer import save_atomic
+            from histobench.pretrain.trainer import save_atomic, write_error
 
-            save_atomic(result.encoder.state_dict(), out_dir / "encoder.pt")
+            try:
+                save_atomic(result.encoder.state_dict(), out_dir / "encoder.pt")
+            except (OSError, RuntimeError) as err:  # a full disk: one line; the last checkpoint resumes the run
+                raise write_error(out_dir / "encoder.pt", err, "the training checkpoint beside it is kept, and "
+                                  "the same command finishes from it", what="encoder") from err
         return result
 
     # under torchrun rank 0 alone holds the folder's lock (its ranks train together, and meet at barriers)

@@ -236,7 +236,7 @@ _save_atomic = save_atomic
 _DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
-def write_error(path: Path, err: BaseException, kept: str) -> HistobenchError:
+def write_error(path: Path, err: BaseException, kept: str, what: str = "checkpoint") -> HistobenchError:
     """One line for a checkpoint that could not be written (a full disk, a file-size limit, a lost mount).
 
     ``torch.save`` reports a short write as a bare ``RuntimeError`` of its zip writer, so that case is named
@@ -254,7 +254,7 @@ def write_error(path: Path, err: BaseException, kept: str) -> HistobenchError:
     else:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         why = f"the write failed ({first[:160]}){_space_note(path)}"
-    return HistobenchError(f"cannot write checkpoint {path}: {why}; {kept}")
+    return HistobenchError(f"cannot write {what} {path}: {why}; {kept}")
 
 
 def _space_note(path: Path) -> str:
