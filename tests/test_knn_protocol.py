@@ -149,3 +149,6 @@ def test_run_with_knn_protocol_end_to_end(tmp_path):
     assert 0.0 <= m.metrics["patient_accuracy_fold_mean"] <= 1.0 and "macro_auc_pooled" in m.metrics
     board = build_leaderboard("tcga-nsclc", uri)
     assert list(board["protocol"]) == ["frozen-mil", "knn-hierarchical"]  # one group each
+    # the neighbours vote: no aggregator is trained, and the row does not name the resolved default
+    assert list(board["aggregator"]) == [runs["frozen-mil"].data.params["aggregator.name"], "—"]
+    assert runs["knn-hierarchical"].data.tags["mlflow.runName"] == "none+timm-demo@knn-hierarchical"

@@ -471,6 +471,9 @@ class Protocol(Component):
 
     kind = "protocol"
     inputs: ClassVar[frozenset[str]] = frozenset({"features"})
+    #: False for a protocol that never trains the run's aggregator (e.g. kNN voting): the run record and the
+    #: leaderboard then show no aggregator for its rows.
+    uses_aggregator: ClassVar[bool] = True
 
     def evaluate(self, inputs: Any) -> Any:
         raise NotImplementedError

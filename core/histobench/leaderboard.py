@@ -128,7 +128,8 @@ def build_leaderboard(task: str, tracking_uri: str | None = None, include_demo: 
             "protocol": t.get("histobench.protocol") or DEFAULT_PROTOCOL,
             "pretext": pretext,
             "encoder": _encoder_label(p),
-            "aggregator": p.get("aggregator.name", "?"),
+            # a protocol that trains no aggregator (kNN voting) shows none, not the default it was resolved with
+            "aggregator": "—" if t.get("histobench.aggregator_used") == "False" else p.get("aggregator.name", "?"),
             "seed": p.get("run.seed", ""),
             "demo": demo,
         }

@@ -97,6 +97,7 @@ class KNNHierarchical(Protocol):
 
     name = "knn-hierarchical"
     inputs = frozenset({"features"})
+    uses_aggregator = False  # the neighbours vote; no aggregator is trained
 
     class Options(StrictOptions):
         k: int = Field(200, ge=1, description="Neighbours per test tile (HiDisc/HLSS: 200).")

@@ -53,12 +53,15 @@ def run(spec: RunSpec, reporter: Reporter | None = None) -> RunResult:
                       reporter=reporter)
     task = comps.task
     pretext_name = comps.pretext.name if comps.pretext else NO_PRETEXT
-    run_name = f"{pretext_name}+{comps.encoder.name}+{comps.aggregator.name}" + ("-demo" if spec.demo else "")
+    uses_aggregator = comps.protocol is None or getattr(comps.protocol, "uses_aggregator", True)
+    run_name = f"{pretext_name}+{comps.encoder.name}" + (f"+{comps.aggregator.name}" if uses_aggregator else "")
+    run_name += "-demo" if spec.demo else ""
     if comps.protocol is not None and comps.protocol.name != "frozen-mil":
         run_name += f"@{comps.protocol.name}"
     with tracker.run(task.name, run_name, stage="run", tags={"histobench.demo": spec.demo}) as run_id:
         tracker.params({"run": {"pretext": pretext_name, "seed": spec.seed, "demo": spec.demo}, **comps.resolved()})
-        tracker.tags({**provenance(comps), "histobench.protocol": comps.protocol.name})
+        tracker.tags({**provenance(comps), "histobench.protocol": comps.protocol.name,
+                      "histobench.aggregator_used": str(uses_aggregator)})
         status = StatusTable()
         manifest = load_cohort(spec, task, reporter, status)
         splits = make_splits(spec, comps, manifest, reporter)
