@@ -324,3 +324,15 @@ def test_slides_info_json():
     info = json.loads(result.stdout)
     assert info["path"] == str(slide) and info["levels"] == len(info["level_dimensions"]) >= 1
     assert info["mpp"] == pytest.approx(0.499, abs=1e-3) and info["stain"] == "brightfield"
+
+
+def test_paths_with_brackets_are_printed_as_written(tmp_path):
+    """A work folder named like rich markup (``[bold]``) is printed as is, not swallowed as styling."""
+    work = tmp_path / "w[bold]x[/bold]"
+    done = subprocess.run([sys.executable, "-m", "histobench", "extract", "--task", "tcga-nsclc", "--demo", "-o",
+                           "task.demo_patients=4", "-o", "task.demo_slide_px=512", "--workdir", str(work)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "400"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    (line,) = [ln for ln in done.stdout.splitlines() if "slides extracted" in ln]
+    assert line.endswith(str(work / "features" / line.rsplit("/features/", 1)[-1])), line
+    assert "w[bold]x[/bold]" in line

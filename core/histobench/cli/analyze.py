@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from histobench.cli.common import (DataRootOpt, DemoOpt, DeviceOpt, OptionsOpt, TaskOpt, TrackingOpt, WorkdirOpt,
@@ -94,6 +95,6 @@ def analyze_cmd(
     for key, value in out.metrics.items():
         table.add_row(key, f"{value:.4g}")
     console.print(table)
-    console.print(f"report: {out.out_dir / 'report.json'}", highlight=False)
+    console.print(f"report: {escape(str(out.out_dir / 'report.json'))}", highlight=False)
     if out.run_id:
-        console.print(f"MLflow run [bold]{out.run_id}[/] at {out.tracking_uri}", highlight=False)
+        console.print(f"MLflow run [bold]{out.run_id}[/] at {escape(str(out.tracking_uri))}", highlight=False)

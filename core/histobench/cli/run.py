@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from histobench.cli.common import (AggregatorOpt, AllowOutsideOpt, DataRootOpt, DemoOpt, DeviceOpt, EncoderOpt, FailFastOpt, LeakyOpt,
@@ -104,12 +105,12 @@ def run_cmd(
     print_result(result.per_fold, result.summary, result.primary_metric,
                  f"{task} · pretext {pretext} · {result.seconds:.0f} s")
     if result.offline:  # results computed and on disk; the store has part of the run, the journal the rest
-        err_console.print(f"[yellow]warning:[/] tracking store {result.tracking_uri} failed during the run: results "
-                          f"are in {result.journal.parent}; the next histobench run on this store logs them "
+        err_console.print(f"[yellow]warning:[/] tracking store {escape(str(result.tracking_uri))} failed during the run: "
+                          f"results are in {escape(str(result.journal.parent))}; the next histobench run on this store logs them "
                           f"(exit code {EXIT_NOT_LOGGED})", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_NOT_LOGGED)
     if result.run_id:
-        console.print(f"MLflow run [bold]{result.run_id}[/] at {result.tracking_uri}", highlight=False)
+        console.print(f"MLflow run [bold]{result.run_id}[/] at {escape(str(result.tracking_uri))}", highlight=False)
 
 
 def pretrain_cmd(
@@ -146,7 +147,8 @@ def pretrain_cmd(
     manifest, _ = pretrain_cohort(spec, comps, manifest, rep)
     _, result, out_dir = pretrain_inputs(spec, comps, manifest, cohort_inputs(spec, comps, manifest, rep), rep)
     if is_rank_zero():
-        console.print(f"{result.steps} steps, {result.images_per_second:.1f} img/s; encoder weights: {out_dir / 'encoder.pt'}")
+        console.print(f"{result.steps} steps, {result.images_per_second:.1f} img/s; encoder weights: "
+                      f"{escape(str(out_dir / 'encoder.pt'))}", highlight=False)
 
 
 def extract_cmd(
@@ -188,7 +190,7 @@ def extract_cmd(
     features, _, res = encode_cohort(spec, comps, module, cohort_inputs(spec, comps, manifest, rep), rep, tag)
     done = f"{res.extracted} slides extracted, {res.skipped} cached, {res.tiles_per_second:.0f} tiles/s" if res else "regions encoded"
     if is_rank_zero():
-        console.print(f"{done}: {features.root}")
+        console.print(f"{done}: {escape(str(features.root))}", highlight=False)
 
 
 def evaluate_cmd(
@@ -230,8 +232,8 @@ def evaluate_cmd(
         log_evaluation(tracker, spec, comps, manifest, result, splits, feats.root, run_id)
     print_result(result.per_fold, result.summary, comps.task.primary_metric, f"{task} · features {features}")
     if tracker.offline:
-        err_console.print(f"[yellow]warning:[/] tracking store {tracker.uri} failed during the run: results are in "
-                          f"{tracker.journal_path.parent}; the next histobench run on this store logs them "
+        err_console.print(f"[yellow]warning:[/] tracking store {escape(str(tracker.uri))} failed during the run: results "
+                          f"are in {escape(str(tracker.journal_path.parent))}; the next histobench run on this store logs them "
                           f"(exit code {EXIT_NOT_LOGGED})", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_NOT_LOGGED)
     if run_id:
