@@ -258,3 +258,18 @@ def test_evaluate_counts_slides_outside_the_splits_and_warns_on_leaks():
                                 splits=Splits(leaky), aggregator=MeanLinear(), opts=opts)
     assert res.n_leaks == 1
     assert res.skipped["not_in_splits"] == int((manifest["case_id"] == "P029").sum()) > 0
+
+
+def test_no_usable_slide_says_why_with_counts_and_the_ids_on_both_sides():
+    from histobench.errors import HistobenchError
+    from histobench.evaluate.protocol import labelled_slides
+
+    manifest, feats = synthetic_cohort()
+    splits = make_splits(manifest, folds=5, seed=0)
+    other = {f"TCGA-{sid}": x for sid, x in feats.items()}  # feature files named by another convention
+    with pytest.raises(HistobenchError) as info:
+        labelled_slides("subtyping", ["LUAD", "LUSC"], manifest, other, splits)
+    first = manifest["slide_id"].iloc[0]
+    assert str(info.value) == (f"no slide has both a label and features: of {len(manifest)} manifest slides, "
+                               f"{len(manifest)} missing features; manifest slide ids look like {first!r}, feature "
+                               f"files like {'TCGA-' + first!r}")

@@ -155,7 +155,15 @@ def labelled_slides(task_kind: str, classes: list[str], manifest: pd.DataFrame, 
         bags[sid] = arr
     m = m[m["slide_id"].isin(bags)].reset_index(drop=True)
     if m.empty:
-        raise HistobenchError("no slide has both a label and features")
+        root = getattr(features, "root", None)
+        where = f" (feature files in {root})" if root is not None else ""
+        counts = ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in skipped.items() if n)
+        hint = ""
+        if skipped["missing_features"] and len(features):
+            hint = (f"; manifest slide ids look like {str(manifest['slide_id'].iloc[0])!r}, feature files like "
+                    f"{next(iter(features))!r}")
+        raise HistobenchError(f"no slide has both a label and features{where}: of {len(manifest)} manifest slides, "
+                              f"{counts or 'none usable'}{hint}")
     dims = {a.shape[1] for a in bags.values()}
     if len(dims) != 1:
         raise HistobenchError(f"feature widths differ between slides: {sorted(dims)}")
