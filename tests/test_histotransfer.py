@@ -140,10 +140,27 @@ def test_densenet_norm5_has_no_relu_unless_asked():
                                             ("densenet121", "layer3", "denseblock1, transition1"),
                                             ("vit_small_patch16_224", "block:13", "block:1 ... block:12")])
 def test_bad_cut_name_lists_the_valid_ones(arch, cut, valid):
-    with pytest.raises(HistobenchError) as err:
-        TimmEncoder(arch=arch, truncate_at=cut, img_size=64).build()
-    text = _one_line(err)
-    assert f"encoder.truncate_at={cut!r}" in text and valid in text
+    for step in ("check", "build"):  # check() is what a run calls when it is resolved, before any slide is read
+        with pytest.raises(HistobenchError) as err:
+            getattr(TimmEncoder(arch=arch, truncate_at=cut, img_size=64), step)()
+        text = _one_line(err)
+        assert f"encoder.truncate_at={cut!r}" in text and valid in text
+
+
+def test_a_bad_cut_stops_a_run_before_the_cohort_is_tiled(tmp_path):
+    from typer.testing import CliRunner
+
+    from histobench.cli.app import build_app
+
+    work = tmp_path / "work"
+    res = CliRunner().invoke(build_app(), ["run", "--pretext", "none", "--task", "tcga-nsclc", "--demo", "--workdir",
+                                           str(work), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}",
+                                           "-o", "encoder.arch=resnet18", "-o", "encoder.model_kwargs={}",
+                                           "-o", "encoder.truncate_at=layer9"], env={"COLUMNS": "300"})
+    assert res.exit_code == 2
+    assert res.output.strip().splitlines()[-1].startswith("error: option encoder.truncate_at='layer9': architecture "
+                                                          "'resnet18' has no such cut point (valid: ")
+    assert not (work / "tiles").exists() and not (work / "demo").exists()
 
 
 def test_pool_or_act_without_a_cut_is_an_error():

@@ -57,6 +57,11 @@ class Component:
         """The named partial option set, or ``{}``."""
         return dict(cls.presets.get(name, {})) if name else {}
 
+    def check(self) -> None:
+        """Cheap checks of the options that would otherwise fail only when the component is built (a name
+        that does not exist, a missing file), run when a run is resolved, before any slide is read. Raise
+        :class:`histobench.errors.HistobenchError` with one line; the default checks nothing."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options!r})"
 

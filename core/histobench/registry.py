@@ -20,7 +20,7 @@ from histobench.components import BASES, HOOKS, Component
 from histobench.errors import DuplicateComponentError, HistobenchError, UnknownComponentError
 from histobench.plugins import load_plugins, plugin_versions
 
-BUILD_METHODS = ("build", "setup")  # the methods that turn a component's options into working parts
+BUILD_METHODS = ("build", "setup", "check")  # the methods that turn a component's options into working parts
 
 
 class ComponentBuildError(HistobenchError):

@@ -82,7 +82,9 @@ class TimmEncoder(Encoder):
             tag = "random"
         return tag + cut_tag(o.truncate_at, o.pool, o.final_act)
 
-    def build(self) -> "nn.Module":
+    def check(self) -> None:
+        """The architecture exists, the checkpoint file is there, and a cut names one of the architecture's
+        cut points (read from the model built on the meta device: no memory, no weights)."""
         import timm
 
         o = self.options
@@ -94,6 +96,28 @@ class TimmEncoder(Encoder):
         ckpt = Path(o.checkpoint).expanduser() if o.checkpoint else None
         if ckpt is not None and not ckpt.is_file():
             raise HistobenchError(f"encoder checkpoint file not found: {ckpt}")
+        if o.truncate_at and timm.is_model(o.arch):
+            import torch
+
+            from histobench_timm.truncate import _VIT_CUT, cut_points, is_vit
+
+            kwargs = {"num_classes": 0, **o.model_kwargs, "img_size": o.img_size}
+            with torch.device("meta"):
+                model = _create(o.arch, pretrained=False, **kwargs)
+            names = cut_points(model)
+            vit_cut = _VIT_CUT.match(o.truncate_at)
+            if is_vit(model):
+                if vit_cut is None or not 1 <= int(vit_cut.group(1)) <= len(names):
+                    raise HistobenchError(f"option encoder.truncate_at={o.truncate_at!r}: ViT {o.arch!r} is cut as "
+                                          f"block:j (valid: block:1 ... block:{len(names)})")
+            elif o.truncate_at not in names:
+                raise HistobenchError(f"option encoder.truncate_at={o.truncate_at!r}: architecture {o.arch!r} has "
+                                      f"no such cut point (valid: {', '.join(names)})")
+
+    def build(self) -> "nn.Module":
+        o = self.options
+        self.check()
+        ckpt = Path(o.checkpoint).expanduser() if o.checkpoint else None
         kwargs = {"num_classes": 0, **o.model_kwargs, "img_size": o.img_size}
         if o.dynamic_img_size:
             kwargs["dynamic_img_size"] = True

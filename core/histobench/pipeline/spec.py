@@ -134,6 +134,7 @@ def resolve(spec: RunSpec) -> Components:
         pretext = create("pretext", spec.pretext, opts.get("pretext"), preset)
     encoder_name = spec.encoder or (type(pretext).default_encoder if pretext else "timm")
     encoder = create("encoder", encoder_name, opts.get("encoder"), preset)
+    encoder.check()  # a misnamed architecture, cut or file is found now, not after the slides are tiled
     segmenter = text_encoder = None
     if pretext is not None:
         cls = type(pretext)
