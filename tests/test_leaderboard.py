@@ -27,7 +27,7 @@ METRICS = ("macro_auc", "balanced_accuracy", "weighted_f1")
 def log_run(tracker: Tracker, pretext: str, auc: float, ci: tuple[float, float] | None, *, task: str = TASK,
             demo: bool = False, pretrain: bool = False, fail: bool = False, split_hash: str = "abc123",
             with_primary: bool = True, protocol: str | None = None, eval_params: dict | None = None,
-            legacy: bool = False, tags: dict | None = None) -> str:
+            legacy: bool = False, tags: dict | None = None, cached: bool = False) -> str:
     """One finished ``histobench run`` parent run (and its nested stages) as the pipeline logs it.
 
     ``ci`` is the fold CI of the primary metric (the pooled CI is ``ci`` shifted down by 0.05); ``legacy``
@@ -54,7 +54,9 @@ def log_run(tracker: Tracker, pretext: str, auc: float, ci: tuple[float, float] 
             with tracker.run(task, f"pretrain {pretext}", stage="pretrain", nested=True):
                 tracker.metrics({"pretrain/images_per_second": 123.4})
         with tracker.run(task, "extract", stage="extract", nested=True):
-            tracker.metrics({"extract/tiles_per_second": 456.7})
+            # every slide from the feature cache: no rate is logged, only the counts
+            tracker.metrics({"extract/slides_extracted": 0, "extract/slides_cached": 5} if cached
+                            else {"extract/tiles_per_second": 456.7, "extract/slides_extracted": 5})
         tracker.tags({"histobench.split_hash": split_hash, "histobench.split_name": "default"})
         for k in range(3):
             with tracker.run(task, f"fold {k}", stage="fold", nested=True):
@@ -92,7 +94,7 @@ def store(tmp_path_factory):
                          tags={"histobench.pretrain_cohort": "transductive"}),
         "last": log_run(tracker, "simclr", 0.70, (0.60, 0.80), eval_params={"epochs": 5, "device": "cpu"}),  # clearly worse
         "demo": log_run(tracker, "mae", 0.75, (0.70, 0.86), demo=True),  # the demo preset's eval: not marked
-        "no_ci": log_run(tracker, "byol", 0.60, None, tags={"histobench.pretrain_cohort": "tcga-brca"}),
+        "no_ci": log_run(tracker, "byol", 0.60, None, tags={"histobench.pretrain_cohort": "tcga-brca"}, cached=True),
         "ft_low": log_run(tracker, "dino", 0.80, (0.70, 0.84), protocol="finetune"),  # another protocol: own ranking
         "ft_top": log_run(tracker, "simclr", 0.85, (0.83, 0.90), protocol="finetune", legacy=True),
     }
@@ -150,7 +152,8 @@ def test_csv_ranks_runs_by_the_primary_metric_within_each_protocol(written):
     # compute and provenance
     assert first["pretrain hours"].endswith("(CPU)") and float(first["pretrain img/s"]) == 123.4
     assert df.iloc[1]["pretrain hours"] == "" and df.iloc[1]["pretrain img/s"] == ""
-    assert (df["extract tiles/s"].astype(float) == 456.7).all() and (df["minutes"].astype(float) == 1.5).all()
+    assert list(df["extract tiles/s"]) == ["456.7"] * 4 + ["cached", "456.7", "456.7"]  # cached: not 0 tiles/s
+    assert (df["minutes"].astype(float) == 1.5).all()
     assert (df["git_sha"] == "0123456789ab").all() and (df["split_hash"] == "abc123").all()
     assert first["plugins"] == "pretext=dino histobench==0.1.0; task=tcga histobench-tcga==0.1.0"
     assert (df["encoder"] == "timm").all() and (df["aggregator"] == "abmil").all()

@@ -95,8 +95,10 @@ def run(spec: RunSpec, reporter: Reporter | None = None) -> RunResult:
         with tracker.run(task.name, "extract", stage="extract", nested=True):
             features, w, ext = encode_cohort(spec, comps, encoder, inputs, reporter, weights_tag)
             if ext is not None:
-                tracker.metrics({"extract/tiles_per_second": ext.tiles_per_second, "extract/tiles": ext.tiles,
-                                 "extract/slides_extracted": ext.extracted, "extract/slides_cached": ext.skipped})
+                # a rate only for slides this run encoded: all-cached is not a speed of 0 tiles/s
+                rate = {"extract/tiles_per_second": ext.tiles_per_second} if ext.extracted else {}
+                tracker.metrics({**rate, "extract/tiles": ext.tiles, "extract/slides_extracted": ext.extracted,
+                                 "extract/slides_cached": ext.skipped})
             tracker.params({"encoder": comps.encoder.name, "weights_hash": w, "feature_dir": str(features.root)})
         tracker.tags({"histobench.weights_hash": w})
         if rank != 0:  # every feature file is written (extraction ends on a barrier): rank 0 evaluates
