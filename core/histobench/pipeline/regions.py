@@ -70,7 +70,17 @@ def patch_grids(spec: RunSpec, comps: Components, regions, reporter: Reporter, t
                               f"{comps.encoder.name!r} expects in_dim={g.in_dim}; set -o encoder.in_dim={module.embed_dim}")
     sub = Components(comps.task, patch_enc, None, comps.aggregator, None, comps.eval)
     feats, _, _ = extract_stage(spec, sub, module, patches, reporter, tag, mpp=g.patch_mpp, tile_size=g.patch_px)
-    return {p.slide_id: to_grids(read_features(feats.path(p.slide_id))[0], g.grid) for p in patches}
+    return PatchGrids({p.slide_id: to_grids(read_features(feats.path(p.slide_id))[0], g.grid) for p in patches},
+                      source=feats.root.name)
+
+
+class PatchGrids(dict):
+    """``{slide_id: [R, D, g, g]}`` plus ``source``: the patch-feature folder they were read from (its name is the
+    patch encoder's cache key), so that region features made from other patch embeddings are cached apart."""
+
+    def __init__(self, grids: dict, source: str = ""):
+        super().__init__(grids)
+        self.source = source
 
 
 def grid_dataset(comps: Components, manifest, grids: dict):
@@ -98,9 +108,14 @@ def region_features(spec: RunSpec, comps: Components, encoder, regions, grids: d
     from histobench import __version__
     from histobench.features.cache import FeatureDir, cache_key, is_complete, weights_hash, write_features
 
+    import hashlib
+
     g = comps.encoder.grid_geometry()
     w = weights_hash(encoder)
-    name = f"{comps.encoder.name}:{weights_tag}"
+    # what shapes region features besides the region encoder's weights: its other options, and the patch
+    # embeddings it reads (a random region encoder has the same weights whatever the patch encoder was)
+    shaped_by = f"{comps.encoder.features_digest()}|{getattr(grids, 'source', '')}"
+    name = f"{comps.encoder.name}:{weights_tag}-{hashlib.sha256(shaped_by.encode()).hexdigest()[:8]}"
     out = Path(spec.workdir) / "features" / cache_key(name, w, g.patch_mpp, g.patch_px * g.grid)
     dev = resolve_device(spec.device)
     encoder = encoder.to(dev).eval()
