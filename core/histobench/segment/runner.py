@@ -248,7 +248,7 @@ def segment_cohort(segmenter: Segmenter, slides: Sequence, workdir: str | os.Pat
         w = writers.get(j)
         if w is None:
             w = writers[j] = SlideWriter(path, slide_meta(segmenter, s.tiles), s.tiles.coords, s.tiles.tile_size,
-                                                reporter=reporter)
+                                         reporter=reporter)
         for i, inst, types, table in out["done"]:
             w.add(i, inst, types, table)
             result.nuclei += len(table["tile"])
