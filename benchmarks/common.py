@@ -131,3 +131,37 @@ def bare_setup(pre, enc, a, device):
     opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "apply_wd"} for g in groups], lr=1e-4,
                             fused=device.type == "cuda")
     return params, opt
+
+
+def speed_parser(doc: str | None, quick_help: str):
+    """The argument parser every speed benchmark starts from: ``--device`` and ``--quick`` (a CPU smoke run,
+    which the test suite and the device suite's dry run use); the script adds its sizes, then
+    :func:`add_run_options`."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=(doc or "").splitlines()[0] if doc else None)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    return ap
+
+
+def add_run_options(ap, name: str, warmup: int, steps: int, workers: int | None = 4,
+                    compile_help: str | None = None) -> None:
+    """``--workers`` (the trainer's DataLoader workers; None: the script has none), ``--warmup``/``--steps``
+    (untimed and timed steps), ``--compile`` (when ``compile_help`` says what is compiled) and ``--out``
+    (``results/<name>.json``)."""
+    if workers is not None:
+        ap.add_argument("--workers", type=int, default=workers, help="DataLoader workers of the trainer.")
+    ap.add_argument("--warmup", type=int, default=warmup)
+    ap.add_argument("--steps", type=int, default=steps)
+    if compile_help:
+        ap.add_argument("--compile", action="store_true", help=compile_help)
+    ap.add_argument("--out", type=Path, default=Path(f"results/{name}.json"))
+
+
+def release_cuda(device) -> None:
+    """Between the two sides of a comparison: the first side's cached blocks go back to the driver."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()

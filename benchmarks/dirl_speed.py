@@ -18,14 +18,14 @@ Paper size (spec §2.7): ViT-S/16 at 224 px, batch ``--batch-size`` (default 128
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import bare_setup, finish, peak_memory, resolve_device, timed_steps  # noqa: E402
+from common import (  # noqa: E402
+    add_run_options, bare_setup, finish, peak_memory, resolve_device, speed_parser, timed_steps)
 
 QUICK_HEAD = {"out_dim": 256, "hidden_dim": 64, "bottleneck_dim": 32}
 
@@ -112,16 +112,11 @@ def segmentation_speed(a) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--quick", action="store_true", help="The demo ViT, small heads and slides: a CPU smoke run.")
+    ap = speed_parser(__doc__, "The demo ViT, small heads and slides: a CPU smoke run.")
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--seg-slides", type=int, default=2, help="Synthetic slides to segment.")
     ap.add_argument("--slide-px", type=int, default=2048, help="Level-0 side of each synthetic slide (0.25 µm/px).")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the encoder.")
-    ap.add_argument("--out", type=Path, default=Path("results/dirl_speed.json"))
+    add_run_options(ap, "dirl_speed", warmup=2, steps=8, workers=None, compile_help="torch.compile the encoder.")
     a = ap.parse_args()
     if a.quick:
         a.batch_size, a.warmup, a.steps = min(a.batch_size, 16), min(a.warmup, 1), min(a.steps, 3)

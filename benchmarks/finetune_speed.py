@@ -21,13 +21,12 @@ ratio is protocol / bare.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import finish, peak_memory, resolve_device, timed_steps  # noqa: E402
+from common import add_run_options, finish, peak_memory, resolve_device, speed_parser, timed_steps  # noqa: E402
 
 
 def _models(a, device):
@@ -108,17 +107,13 @@ def bare_throughput(a, device) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--quick", action="store_true", help="Small tiles and bags: a CPU smoke run of the script.")
+    ap = speed_parser(__doc__, "Small tiles and bags: a CPU smoke run of the script.")
     ap.add_argument("--arch", default="resnet18")
     ap.add_argument("--truncate-at", default=None, help="Cut the encoder after this stage (encoder.truncate_at).")
     ap.add_argument("--tile", type=int, default=224, help="Tile side in pixels (the paper: 512).")
     ap.add_argument("--top-k", type=int, default=64, help="Tiles per slide (the paper: 64).")
     ap.add_argument("--slides", type=int, default=1, help="Slides per optimizer step (the paper: 1).")
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--out", type=Path, default=Path("results/finetune_speed.json"))
+    add_run_options(ap, "finetune_speed", warmup=5, steps=20, workers=None)
     a = ap.parse_args()
     if a.quick:  # 3 warm-up steps: with 1, the side measured first (bare) still paid first-use costs on a CPU
         a.tile, a.top_k, a.slides, a.warmup, a.steps = min(a.tile, 32), min(a.top_k, 8), 2, 3, 5

@@ -22,14 +22,14 @@ Target (as for DINO and SLPD): histobench / bare >= 0.9 in images per second on 
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import finish, peak_memory, resolve_device, step_clock, timed_steps  # noqa: E402
+from common import (  # noqa: E402
+    add_run_options, finish, peak_memory, release_cuda, resolve_device, speed_parser, step_clock, timed_steps)
 
 S, P, T = 2, 2, 2
 
@@ -132,17 +132,11 @@ def histobench_throughput(a, device, data) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--quick", action="store_true", help="Small CNN, 32 px views, 2 patients: a CPU smoke run.")
+    ap = speed_parser(__doc__, "Small CNN, 32 px views, 2 patients: a CPU smoke run.")
     ap.add_argument("--batch-size", type=int, default=32, help="Patients per step (paper: 32 per GPU).")
     ap.add_argument("--tile-size", type=int, default=256, help="Side of the stored uint8 tiles.")
     ap.add_argument("--view-size", type=int, default=224, help="Side of each view (paper: 224).")
-    ap.add_argument("--workers", type=int, default=4, help="DataLoader workers of the trainer.")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--compile", action="store_true", help="torch.compile the backbone on both sides.")
-    ap.add_argument("--out", type=Path, default=Path("results/hlss_speed.json"))
+    add_run_options(ap, "hlss_speed", warmup=3, steps=10, compile_help="torch.compile the backbone on both sides.")
     a = ap.parse_args()
     if a.quick:
         a.batch_size, a.tile_size, a.view_size = min(a.batch_size, 2), min(a.tile_size, 64), min(a.view_size, 32)
@@ -150,10 +144,7 @@ def main() -> None:
     device = resolve_device(a.device)
     data = TileData(a.batch_size * (a.warmup + a.steps), 2, a.tile_size)
     bare = bare_throughput(a, device, data)
-    if device.type == "cuda":
-        import torch
-
-        torch.cuda.empty_cache()
+    release_cuda(device)
     hb = histobench_throughput(a, device, data)
     pre, enc, text = _components(a)
     setting = {"encoder": f"{enc.name} {enc.options.arch}", "tile": a.tile_size, "view": a.view_size,

@@ -19,14 +19,14 @@ timed from its progress callbacks). The target ratio histobench / bare is >= 0.9
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import bare_setup, finish, peak_memory, resolve_device, step_clock, timed_steps  # noqa: E402
+from common import (  # noqa: E402
+    add_run_options, bare_setup, finish, peak_memory, release_cuda, resolve_device, speed_parser, step_clock, timed_steps)
 
 
 def _components(a):
@@ -100,28 +100,19 @@ def histobench_throughput(a, device) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--quick", action="store_true", help="Tiny model and crops: a CPU smoke run of the script.")
+    ap = speed_parser(__doc__, "Tiny model and crops: a CPU smoke run of the script.")
     ap.add_argument("--arch", default="vit_small_patch16_224")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--local-crops", type=int, default=8)
     ap.add_argument("--tile", type=int, default=224, help="Side of the in-memory uint8 tiles (histobench side).")
-    ap.add_argument("--workers", type=int, default=4, help="DataLoader workers of the trainer.")
-    ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--compile", action="store_true", help="torch.compile the encoder on both sides.")
-    ap.add_argument("--out", type=Path, default=Path("results/pretrain_speed.json"))
+    add_run_options(ap, "pretrain_speed", warmup=10, steps=30, compile_help="torch.compile the encoder on both sides.")
     a = ap.parse_args()
     if a.quick:
         a.batch_size, a.warmup, a.steps, a.workers = min(a.batch_size, 8), min(a.warmup, 2), min(a.steps, 4), 0
     device = resolve_device(a.device)
 
     bare = bare_throughput(a, device)
-    if device.type == "cuda":
-        import torch
-
-        torch.cuda.empty_cache()
+    release_cuda(device)
     hb = histobench_throughput(a, device)
     setting = {"arch": "demo-vit (quick)" if a.quick else a.arch, "batch_size": a.batch_size,
                "crops": "2x32 + 2x16 (quick)" if a.quick else f"2x224 + {a.local_crops}x96",

@@ -24,7 +24,6 @@ Target (as for DINO): histobench / bare >= 0.9 in regions per second on a GPU.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -32,7 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import bare_setup, finish, peak_memory, resolve_device, step_clock, timed_steps  # noqa: E402
+from common import (  # noqa: E402
+    add_run_options, bare_setup, finish, peak_memory, release_cuda, resolve_device, speed_parser, step_clock, timed_steps)
 
 # A few-second CPU smoke run of the script: small grids, model and head.
 QUICK = {"encoder": {"in_dim": 32, "dim": 32, "depth": 1, "num_heads": 2, "grid_size": 8, "pos_grid": 6},
@@ -131,18 +131,13 @@ def histobench_throughput(a, device, data) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--quick", action="store_true", help="Tiny grids, model and head: a CPU smoke run of the script.")
+    ap = speed_parser(__doc__, "Tiny grids, model and head: a CPU smoke run of the script.")
     ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--slides", type=int, default=272,
                     help="Slides of the synthetic grid cohort (272 x 48 regions cover the 25 default steps of batch 512).")
     ap.add_argument("--regions-per-slide", type=int, default=48, help="Regions per slide (paper: n_min = 32).")
-    ap.add_argument("--workers", type=int, default=4, help="DataLoader workers of the trainer.")
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--compile", action="store_true", help="torch.compile the region encoder on both sides.")
-    ap.add_argument("--out", type=Path, default=Path("results/slpd_speed.json"))
+    add_run_options(ap, "slpd_speed", warmup=5, steps=20,
+                    compile_help="torch.compile the region encoder on both sides.")
     a = ap.parse_args()
     if a.quick:
         a.batch_size, a.slides, a.regions_per_slide = min(a.batch_size, 16), min(a.slides, 8), min(a.regions_per_slide, 8)
@@ -155,10 +150,7 @@ def main() -> None:
                          "raise --slides or --regions-per-slide")
 
     bare = bare_throughput(a, device, data)
-    if device.type == "cuda":
-        import torch
-
-        torch.cuda.empty_cache()
+    release_cuda(device)
     hb = histobench_throughput(a, device, data)
     o = enc.options
     setting = {"encoder": f"hipt-vit4k dim {o.dim} depth {o.depth} heads {o.num_heads}",
