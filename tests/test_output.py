@@ -336,3 +336,30 @@ def test_paths_with_brackets_are_printed_as_written(tmp_path):
     (line,) = [ln for ln in done.stdout.splitlines() if "slides extracted" in ln]
     assert line.endswith(str(work / "features" / line.rsplit("/features/", 1)[-1])), line
     assert "w[bold]x[/bold]" in line
+
+
+@pytest.mark.parametrize("columns", [60, 80, 120])
+def test_a_result_table_never_cuts_a_number_it_splits_instead(monkeypatch, columns):
+    """Ten metrics (the knn-hierarchical protocol's) in a pipe's 80 columns: every value and every CI is
+    printed whole, in as many tables as it takes, each with the fold column and every estimator row."""
+    from histobench.cli.common import console
+    from histobench.cli.run import print_result
+
+    names = ["macro_auc", "balanced_accuracy", "weighted_f1", "patch_accuracy", "patch_mca", "slide_accuracy",
+             "slide_mca", "patient_accuracy", "patient_mca", "pooled_extra"]
+    per_fold = [{m: 0.5 + 0.01 * i + 0.001 * j for j, m in enumerate(names)} for i in range(4)]
+    summary = {m: {"fold_mean": 0.515 + 0.001 * j, "fold_sd": 0.0129, "fold_ci_low": 0.4944 + 0.001 * j,
+                   "fold_ci_high": 0.5356 + 0.001 * j, "n_folds": 4, "pooled": 0.51, "pooled_ci_low": 0.42,
+                   "pooled_ci_high": 0.6} for j, m in enumerate(names)}
+    monkeypatch.setenv("COLUMNS", str(columns))
+    with console.capture() as cap:
+        print_result(per_fold, summary, "macro_auc", "knn")
+    text = cap.get()
+    assert "…" not in text
+    assert max(len(line) for line in text.splitlines()) <= columns
+    for j, m in enumerate(names):
+        assert m in text or (m + " *") in text
+        assert f"{0.515 + 0.001 * j:.3f} ± 0.013" in text and f"[{0.4944 + 0.001 * j:.3f}, {0.5356 + 0.001 * j:.3f}]" in text
+    tables = text.count("┏")
+    assert tables > 1 if columns <= 80 else tables >= 1
+    assert text.count("fold: mean ± sd") == tables and text.count("95% CI: patient") == tables

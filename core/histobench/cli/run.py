@@ -37,33 +37,50 @@ def print_result(per_fold, summary, primary: str, title: str) -> None:
         v = entry.get(key, float("nan"))
         return "" if v != v else fmt.format(v)
 
-    metrics = list(summary)
-    table = Table(title=title, title_justify="left")
-    table.add_column("fold")
-    for m in metrics:
-        table.add_column(m + (" *" if m == primary else ""), justify="right")
-    for i, fm in enumerate(per_fold):
-        table.add_row(str(i), *(f"{fm.get(m, float('nan')):.3f}" for m in metrics))
-    keys = list(dict.fromkeys(k for m in metrics for k in summary_estimators(summary[m])))
+    all_metrics = list(summary)
+    keys = list(dict.fromkeys(k for m in all_metrics for k in summary_estimators(summary[m])))
     n = int(summary[primary].get("n_folds", 0)) if primary in summary else None
+    rows: list[tuple[str, dict[str, str]]] = [(str(i), {m: f"{fm.get(m, float('nan')):.3f}" for m in all_metrics})
+                                              for i, fm in enumerate(per_fold)]
+    sections = [len(rows)]  # a rule above each estimator's rows
     for key in keys:
-        table.add_section()
-        cells = []
-        for m in metrics:
+        cells = {}
+        for m in all_metrics:
             e = summary[m]
             if key not in summary_estimators(e):
-                cells.append("")
+                cells[m] = ""
             elif key == "fold":
-                cells.append(f"{num(e, 'fold_mean')} ± {num(e, 'fold_sd')}".strip(" ±"))
+                cells[m] = f"{num(e, 'fold_mean')} ± {num(e, 'fold_sd')}".strip(" ±")
             else:
-                cells.append(num(e, key, "{:.4g}" if key == "pooled_test" else "{:.3f}"))
-        table.add_row(f"{key}: {estimator_label(key, n)}", *cells)
+                cells[m] = num(e, key, "{:.4g}" if key == "pooled_test" else "{:.3f}")
+        rows.append((f"{key}: {estimator_label(key, n)}", cells))
         if key != "pooled_test":
             lo, hi = f"{key}_ci_low", f"{key}_ci_high"
-            table.add_row(f"  95% CI: {estimator_label(key, n, ci=True)}",
-                          *(f"[{num(summary[m], lo)}, {num(summary[m], hi)}]" if num(summary[m], lo) else ""
-                            for m in metrics))
-    console.print(table)
+            rows.append((f"  95% CI: {estimator_label(key, n, ci=True)}",
+                         {m: f"[{num(summary[m], lo)}, {num(summary[m], hi)}]" if num(summary[m], lo) else ""
+                          for m in all_metrics}))
+        sections.append(len(rows))
+    # numbers are never cut: the metric columns are as wide as their longest cell, and when they do not all
+    # fit the terminal (or a pipe's 80 columns) they go to further tables, each with the fold column
+    header = {m: m + (" *" if m == primary else "") for m in all_metrics}
+    need = {m: max([len(header[m])] + [len(c[m]) for _, c in rows]) + 3 for m in all_metrics}
+    room = max(console.width - 24, 1)
+    chunks: list[list[str]] = [[]]
+    for m in all_metrics:
+        if chunks[-1] and sum(need[x] for x in chunks[-1]) + need[m] > room:
+            chunks.append([])
+        chunks[-1].append(m)
+    for j, metrics in enumerate(chunks):
+        part = f" ({j + 1}/{len(chunks)})" if len(chunks) > 1 else ""
+        table = Table(title=title + part, title_justify="left")
+        table.add_column("fold", min_width=8)
+        for m in metrics:
+            table.add_column(header[m], justify="right", min_width=need[m] - 3, no_wrap=True)
+        for r, (label, cells) in enumerate(rows):
+            if r in sections[:-1] and r > 0:
+                table.add_section()
+            table.add_row(label, *(cells[m] for m in metrics))
+        console.print(table)
 
 
 def run_cmd(

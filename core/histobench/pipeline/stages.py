@@ -388,7 +388,8 @@ def evaluate_stage(spec: RunSpec, comps: Components, manifest, features, reporte
                          slides=inputs.slides if inputs is not None and "tiles" in need else None,
                          encoder=encoder if "encoder" in need else None, encoder_component=comps.encoder,
                          extract=extract, device=spec.device, artifacts=artifacts)
-    with reporter.stage(f"evaluate {protocol.name} {comps.aggregator.name}", total=splits.folds * comps.eval.seeds,
+    label = f"{protocol.name} {comps.aggregator.name}" if getattr(protocol, "uses_aggregator", True) else protocol.name
+    with reporter.stage(f"evaluate {label}", total=splits.folds * comps.eval.seeds,
                         unit="folds") as st:
         def progress(*_):
             st.advance()
