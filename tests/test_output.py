@@ -363,3 +363,17 @@ def test_a_result_table_never_cuts_a_number_it_splits_instead(monkeypatch, colum
     tables = text.count("┏")
     assert tables > 1 if columns <= 80 else tables >= 1
     assert text.count("fold: mean ± sd") == tables and text.count("95% CI: patient") == tables
+
+
+def test_analysis_metric_names_are_folded_never_cut(monkeypatch):
+    from histobench.cli.analyze import metrics_table
+    from histobench.cli.common import console
+
+    long = "wilcoxon_p/entropy/dirl_timm_abmil-demo:761c48bb_vs_dino_timm_abmil-demo:27a88d7b"
+    monkeypatch.setenv("COLUMNS", "60")
+    with console.capture() as cap:
+        console.print(metrics_table("attention", {long: 3.525e-12, "entropy/a": 1.0}))
+    text = cap.get()
+    assert "…" not in text and max(map(len, text.splitlines())) <= 60
+    first_cells = "".join(ln.split("│")[1].strip() for ln in text.splitlines() if ln.startswith("│"))
+    assert long in first_cells and "3.525e-12" in text

@@ -25,6 +25,17 @@ AnalyzeOptionsOpt = Annotated[Optional[list[str]], typer.Option("--option", "-o"
 TileSeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the tile sample and of the analysis.")]
 
 
+def metrics_table(title: str, metrics: dict[str, float]) -> Table:
+    """An analysis's flat metrics. A name longer than the terminal allows (``wilcoxon_p/entropy/A_vs_B``) is
+    folded onto further lines, never cut; the values are never wrapped."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric", overflow="fold")
+    table.add_column("value", justify="right", no_wrap=True, min_width=10)
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4g}")
+    return table
+
+
 def analyze_cmd(
     name: NameArg,
     task: TaskOpt,
@@ -88,13 +99,9 @@ def analyze_cmd(
     out = run_analysis(analysis, encoders, pixels, refs, tile_hash, task=task_comp.name, workdir=workdir, device=dev,
                        seed=seed, tracking_uri=tracking_uri, reporter=rep,
                        extra_params={"task": {"name": task_comp.name, "demo": demo}})
-    table = Table(title=f"{name} · {len(encoders)} encoders · {len(pixels)} tiles ({tile_hash}) · {out.seconds:.0f} s",
-                  title_justify="left")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in out.metrics.items():
-        table.add_row(key, f"{value:.4g}")
-    console.print(table)
-    console.print(f"report: {escape(str(out.out_dir / 'report.json'))}", highlight=False)
+    console.print(metrics_table(f"{name} · {len(encoders)} encoders · {len(pixels)} tiles ({tile_hash}) · "
+                                f"{out.seconds:.0f} s", out.metrics))
+    console.print(f"report: {escape(str(out.out_dir / 'report.json'))}", highlight=False, soft_wrap=True)
     if out.run_id:
-        console.print(f"MLflow run [bold]{out.run_id}[/] at {escape(str(out.tracking_uri))}", highlight=False)
+        console.print(f"MLflow run [bold]{out.run_id}[/] at {escape(str(out.tracking_uri))}", highlight=False,
+                      soft_wrap=True)

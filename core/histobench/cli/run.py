@@ -127,7 +127,8 @@ def run_cmd(
                           f"(exit code {EXIT_NOT_LOGGED})", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_NOT_LOGGED)
     if result.run_id:
-        console.print(f"MLflow run [bold]{result.run_id}[/] at {escape(str(result.tracking_uri))}", highlight=False)
+        console.print(f"MLflow run [bold]{result.run_id}[/] at {escape(str(result.tracking_uri))}", highlight=False,
+                      soft_wrap=True)
 
 
 def pretrain_cmd(
@@ -165,7 +166,7 @@ def pretrain_cmd(
     _, result, out_dir = pretrain_inputs(spec, comps, manifest, cohort_inputs(spec, comps, manifest, rep), rep)
     if is_rank_zero():
         console.print(f"{result.steps} steps, {result.images_per_second:.1f} img/s; encoder weights: "
-                      f"{escape(str(out_dir / 'encoder.pt'))}", highlight=False)
+                      f"{escape(str(out_dir / 'encoder.pt'))}", highlight=False, soft_wrap=True)
 
 
 def extract_cmd(
@@ -207,7 +208,7 @@ def extract_cmd(
     features, _, res = encode_cohort(spec, comps, module, cohort_inputs(spec, comps, manifest, rep), rep, tag)
     done = f"{res.extracted} slides extracted, {res.skipped} cached, {res.tiles_per_second:.0f} tiles/s" if res else "regions encoded"
     if is_rank_zero():
-        console.print(f"{done}: {escape(str(features.root))}", highlight=False)
+        console.print(f"{done}: {escape(str(features.root))}", highlight=False, soft_wrap=True)
 
 
 def evaluate_cmd(
