@@ -799,3 +799,43 @@ def test_cli_evaluate_on_foreign_feature_files_is_one_line_and_loses_nothing(wor
               "--no-track")
     one_line_error(res, "feature file", "DEMO-0003-01.h5", needle)
     assert_kept(before, tmp_path, "trident")
+
+
+_FEATURES_FAIL_MIDWAY = """
+import resource, signal, sys
+from pathlib import Path
+import numpy as np
+from histobench.cli.common import handle_errors
+from histobench.features.cache import FeatureWriter
+FeatureWriter._check_space = lambda self, nbytes: None  # the space goes after the check: the write itself fails
+out = Path(sys.argv[1])
+
+@handle_errors
+def extract():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+    writer = FeatureWriter(out / "big.h5", np.zeros((4096, 2), np.int64), {"tag": "x"})
+    try:
+        for start in range(0, 4096, 512):
+            writer.append(np.ones((512, 64), np.float32))
+        writer.close()
+    except BaseException:
+        writer.abort()  # what extraction does with the slide in flight
+        raise
+
+extract()
+print("not reached")
+"""
+
+
+def test_a_feature_write_that_fails_for_want_of_space_ends_the_command_cleanly(tmp_path):
+    """When the space goes between the check and the write, HDF5's failed file must never be closed (that
+    crashes the process, SIGSEGV, even at interpreter exit): one error line, exit code 2, no .tmp left."""
+    res = subprocess.run([sys.executable, "-c", _FEATURES_FAIL_MIDWAY, str(tmp_path)], capture_output=True,
+                         text=True, timeout=120, env=dict(os.environ, COLUMNS="400"))
+    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert lines == [f"error: cannot write feature file {tmp_path / 'big.h5'}: File too large (the disk is full or a "
+                     f"file-size limit was reached); the slides written before it are kept"], res.stderr[-2000:]
+    assert "not reached" not in res.stdout
+    assert list(tmp_path.iterdir()) == []

@@ -28,24 +28,53 @@ def handle_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        code = 0
         try:
             return fn(*args, **kwargs)
         except HistobenchError as err:
             err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+            code = 2
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]: finished stages are cached; run the same command to resume")
+            code = 130
             raise typer.Exit(130) from None
+        except typer.Exit as done:
+            code = done.exit_code
+            raise
         except OSError as err:  # a full disk or a file-size limit, from any writer: one line, naming the file
             if err.errno not in DISK_FULL_ERRNOS:
+                code = None
                 raise
             where = f" {err.filename}" if err.filename else " a file"
             err_console.print(f"[bold red]error:[/] cannot write{escape(where)}: {escape(err.strerror or str(err))} "
                               f"(the disk is full or a file-size limit was reached); finished stages are kept",
                               highlight=False, soft_wrap=True)
+            code = 2
             raise typer.Exit(2) from None
+        except BaseException:
+            code = None  # a bug: its traceback is printed as usual
+            raise
+        finally:
+            _leave_if_hdf5_abandoned(code)
 
     return wrapper
+
+
+def _leave_if_hdf5_abandoned(code: int | None) -> None:
+    """After a feature file's write failed for want of space, HDF5 would crash the interpreter's shutdown
+    (:func:`histobench.features.cache.hdf5_abandoned`): leave now, with the command's exit code, once
+    everything printed is flushed. Files and journals were written and synced before; a run left RUNNING
+    in MLflow is marked interrupted by the next run."""
+    cache = sys.modules.get("histobench.features.cache")
+    if code is None or cache is None or not cache.hdf5_abandoned():
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def _completer(kind: str):

@@ -48,6 +48,50 @@ def write_features(path: Path, features: np.ndarray, coords: np.ndarray, attrs: 
     return writer.close()
 
 
+_ABANDONED: list = []  # HDF5 handles whose write failed for want of space: closing them would crash the process
+
+
+_HOOKS_QUIETED = False
+
+
+def _quiet_hdf5_deallocs() -> None:
+    """When a write fails for want of space, h5py frees the objects of that write with a traceback each on
+    stderr, printed through ``sys.excepthook`` and ``sys.unraisablehook`` from ``ObjectID.__dealloc__``, before
+    the one-line error says the same. Those alone are silenced (a RuntimeError from h5py's object code whose
+    message is a full disk or a file-size limit); everything else reaches the previous hooks."""
+    import sys
+
+    global _HOOKS_QUIETED
+    if _HOOKS_QUIETED:
+        return
+    _HOOKS_QUIETED = True
+
+    def from_a_full_disk(exc) -> bool:
+        return isinstance(exc, RuntimeError) and disk_full_reason(exc) is not None and "id ref count" in str(exc)
+
+    previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+
+    def unraisable_hook(unraisable):
+        if not (from_a_full_disk(unraisable.exc_value) and "ObjectID" in repr(unraisable.object)):
+            previous_unraisable(unraisable)
+
+    def except_hook(kind, value, tb):
+        frames, step = [], tb
+        while step is not None:
+            frames.append(step.tb_frame.f_code.co_filename)
+            step = step.tb_next
+        if not (from_a_full_disk(value) and frames and all(f.startswith("h5py/") for f in frames)):
+            previous_except(kind, value, tb)
+
+    sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
+
+
+def hdf5_abandoned() -> bool:
+    """True once a feature file's HDF5 handle was abandoned after a failed write: the process must then end
+    with ``os._exit`` (the interpreter's own shutdown would close the handle and crash)."""
+    return bool(_ABANDONED)
+
+
 class FeatureWriter:
     """One slide's features written batch by batch, so that memory does not grow with the slide's size.
 
@@ -64,6 +108,7 @@ class FeatureWriter:
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.n, self.pos, self.attrs = len(coords), 0, dict(attrs)
         self._file = None
+        _quiet_hdf5_deallocs()
         self._check_space(0 if dim is None else self.n * int(dim) * 4)
         self._file = h5py.File(self.tmp, "w")
         self._file.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
@@ -113,14 +158,16 @@ class FeatureWriter:
                               f"{why}; the slides written before it are kept")
 
     def _write_failed(self, err: BaseException) -> BaseException:
-        """A full disk or a file-size limit: the temporary file goes, and one line names the file."""
+        """A write that failed anyway (the space went between the check and the write): the temporary file
+        goes and one line names the file. HDF5 crashes the process when such a file is closed, even at exit,
+        so the handle is abandoned, never closed, and the CLI leaves with ``os._exit`` after its error line
+        (:func:`hdf5_abandoned`)."""
         reason = disk_full_reason(err)
         if reason is None:
             return err
-        try:
-            self.abort()
-        except (OSError, RuntimeError):
-            self.tmp.unlink(missing_ok=True)
+        _ABANDONED.append((self._file, self._features))
+        self._file = self._features = None
+        self.tmp.unlink(missing_ok=True)
         return HistobenchError(f"cannot write feature file {self.path}: {reason}; the slides written before it "
                                f"are kept")
 
