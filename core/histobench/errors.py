@@ -17,7 +17,10 @@ class OptionError(HistobenchError):
     """An ``-o key=value`` option that does not fit the component's Options model."""
 
 
-_DISK_FULL_ERRNOS = (28, 27, 122)  # ENOSPC, EFBIG, EDQUOT (Linux numbers; HDF5 prints them in its messages)
+import errno as _errno
+
+#: A write that failed for want of space: a full disk, a file-size limit (ulimit -f), a quota.
+DISK_FULL_ERRNOS = (_errno.ENOSPC, _errno.EFBIG, _errno.EDQUOT)
 
 
 def disk_full_reason(err: BaseException) -> str | None:
@@ -27,17 +30,16 @@ def disk_full_reason(err: BaseException) -> str | None:
     ``RuntimeError`` whose message carries ``errno = 27`` (h5py does not set ``errno``), and torch's zip
     writer's bare ``RuntimeError`` ("unexpected pos", "failed writing file"). All three are named the same way.
     """
-    import errno
     import os
     import re
 
-    if isinstance(err, OSError) and err.errno in _DISK_FULL_ERRNOS:
+    if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
         return f"{os.strerror(err.errno)} (the disk is full or a file-size limit was reached)"
     if isinstance(err, RuntimeError):
         text = str(err)
         found = re.search(r"errno = (\d+)", text)
-        if found and int(found.group(1)) in _DISK_FULL_ERRNOS:
+        if found and int(found.group(1)) in DISK_FULL_ERRNOS:
             return f"{os.strerror(int(found.group(1)))} (the disk is full or a file-size limit was reached)"
         if "unexpected pos" in text or "failed writing file" in text:
-            return f"the write stopped short ({errno.errorcode.get(errno.ENOSPC)} or a file-size limit?)"
+            return f"the write stopped short ({_errno.errorcode[_errno.ENOSPC]} or a file-size limit?)"
     return None

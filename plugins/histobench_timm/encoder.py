@@ -87,6 +87,20 @@ class TimmEncoder(Encoder):
         cut points (read from the model built on the meta device: no memory, no weights)."""
         import timm
 
+        o = self._check_options()
+        if o.truncate_at and timm.is_model(o.arch):
+            import torch
+
+            from histobench_timm.truncate import check_cut
+
+            kwargs = {"num_classes": 0, **o.model_kwargs, "img_size": o.img_size}
+            with torch.device("meta"):
+                check_cut(_create(o.arch, pretrained=False, **kwargs), o.truncate_at, o.arch)
+
+    def _check_options(self) -> "TimmEncoder.Options":
+        """What needs no model: the cut's options, the architecture's name, the checkpoint file."""
+        import timm
+
         o = self.options
         check_cut_options(o.truncate_at, o.pool, o.final_act)
         if not (timm.is_model(o.arch) or o.arch.startswith(HUB_PREFIXES)):
@@ -96,27 +110,10 @@ class TimmEncoder(Encoder):
         ckpt = Path(o.checkpoint).expanduser() if o.checkpoint else None
         if ckpt is not None and not ckpt.is_file():
             raise HistobenchError(f"encoder checkpoint file not found: {ckpt}")
-        if o.truncate_at and timm.is_model(o.arch):
-            import torch
-
-            from histobench_timm.truncate import _VIT_CUT, cut_points, is_vit
-
-            kwargs = {"num_classes": 0, **o.model_kwargs, "img_size": o.img_size}
-            with torch.device("meta"):
-                model = _create(o.arch, pretrained=False, **kwargs)
-            names = cut_points(model)
-            vit_cut = _VIT_CUT.match(o.truncate_at)
-            if is_vit(model):
-                if vit_cut is None or not 1 <= int(vit_cut.group(1)) <= len(names):
-                    raise HistobenchError(f"option encoder.truncate_at={o.truncate_at!r}: ViT {o.arch!r} is cut as "
-                                          f"block:j (valid: block:1 ... block:{len(names)})")
-            elif o.truncate_at not in names:
-                raise HistobenchError(f"option encoder.truncate_at={o.truncate_at!r}: architecture {o.arch!r} has "
-                                      f"no such cut point (valid: {', '.join(names)})")
+        return o
 
     def build(self) -> "nn.Module":
-        o = self.options
-        self.check()
+        o = self._check_options()  # the cut itself is checked by truncate(), on the real model
         ckpt = Path(o.checkpoint).expanduser() if o.checkpoint else None
         kwargs = {"num_classes": 0, **o.model_kwargs, "img_size": o.img_size}
         if o.dynamic_img_size:

@@ -71,6 +71,22 @@ def _pieces(model: "nn.Module") -> list[tuple[str, tuple[str, str | None]]]:
     return out
 
 
+def check_cut(model: "nn.Module", cut: str, arch: str) -> int:
+    """The index of ``cut`` among ``model``'s cut points (:func:`cut_points`); an unknown cut is a one-line
+    error listing the valid ones. Reads only the module tree, so a model on the meta device will do."""
+    names = cut_points(model)
+    if is_vit(model):
+        m = _VIT_CUT.match(cut)
+        if m is None or not 1 <= int(m.group(1)) <= len(names):
+            raise HistobenchError(f"option encoder.truncate_at={cut!r}: ViT {arch!r} is cut as block:j "
+                                  f"(valid: block:1 ... block:{len(names)})")
+        return int(m.group(1)) - 1
+    if cut not in names:
+        raise HistobenchError(f"option encoder.truncate_at={cut!r}: architecture {arch!r} has no such cut point "
+                              f"(valid: {', '.join(names)})")
+    return names.index(cut)
+
+
 def truncate(model: "nn.Module", cut: str, pool: str | None = None, final_act: str = "none",
              arch: str | None = None) -> "nn.Module":
     """``model`` cut after ``cut``, pooled and with ``final_act``: a module with ``forward_features`` (the map
@@ -86,11 +102,7 @@ def truncate(model: "nn.Module", cut: str, pool: str | None = None, final_act: s
     if pool not in (None, "avg", "max"):
         raise HistobenchError(f"option encoder.pool={pool!r}: a CNN cut pools its map with 'avg' or 'max'")
     pieces = _pieces(model)
-    names = [n for n, _ in pieces]
-    if cut not in names:
-        raise HistobenchError(f"option encoder.truncate_at={cut!r}: architecture {arch!r} has no such cut point "
-                              f"(valid: {', '.join(names)})")
-    index = names.index(cut)
+    index = check_cut(model, cut, arch)
     channels = _probe(model, pieces, index, arch)
     kept = pieces[: index + 1]
     if final_act == "none":
@@ -161,16 +173,12 @@ def _probe_channels(model: "nn.Module", pieces, arch: str) -> list[int | None]:
 
 
 def _truncate_vit(model: "nn.Module", cut: str, pool: str | None, final_act: str, arch: str) -> "nn.Module":
-    m = _VIT_CUT.match(cut)
-    depth = len(model.blocks)
-    if m is None or not 1 <= int(m.group(1)) <= depth:
-        raise HistobenchError(f"option encoder.truncate_at={cut!r}: ViT {arch!r} is cut as block:j "
-                              f"(valid: block:1 ... block:{depth})")
+    kept = check_cut(model, cut, arch) + 1  # blocks 1 .. j
     if final_act != "none":
         raise HistobenchError(f"option encoder.final_act={final_act!r}: ViT cuts take final_act=none")
     if pool not in (None, "token", "avg", "max"):
         raise HistobenchError(f"option encoder.pool={pool!r}: a ViT cut pools with 'token', 'avg' or 'max'")
-    model.blocks = model.blocks[: int(m.group(1))]
+    model.blocks = model.blocks[:kept]
     if pool is not None:
         if pool == "token" and getattr(model, "cls_token", None) is None:
             raise HistobenchError(f"option encoder.pool='token': ViT {arch!r} has no class token")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import functools
 import os
 import sys
@@ -12,13 +11,10 @@ from typing import Annotated, Callable, Optional
 import typer
 
 from histobench.cli.output import EnvConsole
-from histobench.errors import HistobenchError
+from histobench.errors import HistobenchError, disk_full_reason
 
 console = EnvConsole()
 err_console = EnvConsole(stderr=True)
-
-
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 def handle_errors(fn: Callable) -> Callable:
@@ -43,13 +39,13 @@ def handle_errors(fn: Callable) -> Callable:
             code = done.exit_code
             raise
         except OSError as err:  # a full disk or a file-size limit, from any writer: one line, naming the file
-            if err.errno not in DISK_FULL_ERRNOS:
+            reason = disk_full_reason(err)
+            if reason is None:
                 code = None
                 raise
             where = f" {err.filename}" if err.filename else " a file"
-            err_console.print(f"[bold red]error:[/] cannot write{escape(where)}: {escape(err.strerror or str(err))} "
-                              f"(the disk is full or a file-size limit was reached); finished stages are kept",
-                              highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] cannot write{escape(where)}: {escape(reason)}; finished stages "
+                              f"are kept", highlight=False, soft_wrap=True)
             code = 2
             raise typer.Exit(2) from None
         except BaseException:

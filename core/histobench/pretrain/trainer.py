@@ -25,7 +25,6 @@ identical weights: the pretext's whole state (teacher and centres included) is b
 
 from __future__ import annotations
 
-import errno
 import inspect
 import os
 import time
@@ -37,7 +36,7 @@ import numpy as np
 
 from histobench.components import CohortMeta, Encoder, PretrainContext, Pretext, TrainOptions
 from histobench.device import channels_last, resolve_device
-from histobench.errors import HistobenchError
+from histobench.errors import HistobenchError, disk_full_reason
 from histobench.faults import fault_point
 from histobench.pretrain.schedules import cosine_schedule
 from histobench.reporting import Reporter
@@ -233,9 +232,6 @@ def save_atomic(obj: Any, path: Path) -> None:
 _save_atomic = save_atomic
 
 
-_DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-
-
 def write_error(path: Path, err: BaseException, kept: str, what: str = "checkpoint") -> HistobenchError:
     """One line for a checkpoint that could not be written (a full disk, a file-size limit, a lost mount).
 
@@ -247,8 +243,9 @@ def write_error(path: Path, err: BaseException, kept: str, what: str = "checkpoi
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
-    if isinstance(err, OSError) and err.errno in _DISK_FULL:
-        why = f"{err.strerror or err} (the disk is full or a file-size limit was reached)"
+    full = disk_full_reason(err) if isinstance(err, OSError) else None
+    if full is not None:
+        why = full
     elif isinstance(err, OSError):
         why = err.strerror or str(err)
     else:
