@@ -139,7 +139,7 @@ def speed_parser(doc: str | None, quick_help: str):
     :func:`add_run_options`."""
     import argparse
 
-    ap = argparse.ArgumentParser(description=(doc or "").splitlines()[0] if doc else None)
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quick", action="store_true", help=quick_help)
     return ap

@@ -158,10 +158,10 @@ def build_leaderboard(task: str, tracking_uri: str | None = None, include_demo: 
             row["pretrain hours"] = ""
         row["pretrain img/s"] = _fmt((pre or {}).get("metrics", {}).get("pretrain/images_per_second", m.get("pretrain/images_per_second")), 1)
         ext = kids.get("extract", {}).get("metrics", {})
-        rate = ext.get("extract/tiles_per_second", m.get("extract/tiles_per_second"))
         if ext.get("extract/slides_extracted") == 0 and ext.get("extract/slides_cached"):
-            rate = None  # every slide came from the feature cache (older runs logged 0 tiles/s for it)
-        row["extract tiles/s"] = "cached" if rate is None and ext.get("extract/slides_cached") else _fmt(rate, 1)
+            row["extract tiles/s"] = "cached"  # every slide from the feature cache (older runs logged 0 tiles/s)
+        else:
+            row["extract tiles/s"] = _fmt(ext.get("extract/tiles_per_second", m.get("extract/tiles_per_second")), 1)
         row["minutes"] = _fmt(m.get("wall_seconds", float("nan")) / 60, 1)
         row["device"] = device
         row["run_id"] = r["run_id"]

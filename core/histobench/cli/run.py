@@ -42,8 +42,9 @@ def print_result(per_fold, summary, primary: str, title: str) -> None:
     n = int(summary[primary].get("n_folds", 0)) if primary in summary else None
     rows: list[tuple[str, dict[str, str]]] = [(str(i), {m: f"{fm.get(m, float('nan')):.3f}" for m in all_metrics})
                                               for i, fm in enumerate(per_fold)]
-    sections = [len(rows)]  # a rule above each estimator's rows
+    rules: set[int] = set()  # rows with a rule above them: each estimator's first
     for key in keys:
+        rules.add(len(rows))
         cells = {}
         for m in all_metrics:
             e = summary[m]
@@ -59,7 +60,6 @@ def print_result(per_fold, summary, primary: str, title: str) -> None:
             rows.append((f"  95% CI: {estimator_label(key, n, ci=True)}",
                          {m: f"[{num(summary[m], lo)}, {num(summary[m], hi)}]" if num(summary[m], lo) else ""
                           for m in all_metrics}))
-        sections.append(len(rows))
     # numbers are never cut: the metric columns are as wide as their longest cell, and when they do not all
     # fit the terminal (or a pipe's 80 columns) they go to further tables, each with the fold column
     header = {m: m + (" *" if m == primary else "") for m in all_metrics}
@@ -77,7 +77,7 @@ def print_result(per_fold, summary, primary: str, title: str) -> None:
         for m in metrics:
             table.add_column(header[m], justify="right", min_width=need[m] - 3, no_wrap=True)
         for r, (label, cells) in enumerate(rows):
-            if r in sections[:-1] and r > 0:
+            if r in rules:
                 table.add_section()
             table.add_row(label, *(cells[m] for m in metrics))
         console.print(table)

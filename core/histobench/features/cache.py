@@ -117,7 +117,6 @@ class FeatureWriter:
             self._allocate(int(dim))
 
     def _allocate(self, dim: int) -> None:
-        self._check_space(self.n * dim * 4)
         self._features = self._file.create_dataset("features", shape=(self.n, dim), dtype=np.float32,
                                                    chunks=(min(max(self.n, 1), 1024), dim) if self.n else None)
 
@@ -126,7 +125,8 @@ class FeatureWriter:
         if self.pos + len(features) > self.n:
             raise ValueError(f"{self.path.name}: {self.pos + len(features)} feature rows for {self.n} tiles")
         try:
-            if self._features is None:
+            if self._features is None:  # the width is known now: the space too (the constructor had only coords)
+                self._check_space(self.n * features.shape[1] * 4)
                 self._allocate(features.shape[1])
             self._features[self.pos:self.pos + len(features)] = features
         except (OSError, RuntimeError) as err:

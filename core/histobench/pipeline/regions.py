@@ -108,14 +108,12 @@ def region_features(spec: RunSpec, comps: Components, encoder, regions, grids: d
     from histobench import __version__
     from histobench.features.cache import FeatureDir, cache_key, is_complete, weights_hash, write_features
 
-    import hashlib
-
     g = comps.encoder.grid_geometry()
     w = weights_hash(encoder)
     # what shapes region features besides the region encoder's weights: its other options, and the patch
     # embeddings it reads (a random region encoder has the same weights whatever the patch encoder was)
-    shaped_by = f"{comps.encoder.features_digest()}|{getattr(grids, 'source', '')}"
-    name = f"{comps.encoder.name}:{weights_tag}-{hashlib.sha256(shaped_by.encode()).hexdigest()[:8]}"
+    shaped_by = digest({"options": comps.encoder.features_digest(), "patches": getattr(grids, "source", "")})
+    name = f"{comps.encoder.name}:{weights_tag}-{shaped_by}"
     out = Path(spec.workdir) / "features" / cache_key(name, w, g.patch_mpp, g.patch_px * g.grid)
     dev = resolve_device(spec.device)
     encoder = encoder.to(dev).eval()

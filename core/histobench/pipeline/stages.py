@@ -388,7 +388,7 @@ def evaluate_stage(spec: RunSpec, comps: Components, manifest, features, reporte
                          slides=inputs.slides if inputs is not None and "tiles" in need else None,
                          encoder=encoder if "encoder" in need else None, encoder_component=comps.encoder,
                          extract=extract, device=spec.device, artifacts=artifacts)
-    label = f"{protocol.name} {comps.aggregator.name}" if getattr(protocol, "uses_aggregator", True) else protocol.name
+    label = f"{protocol.name} {comps.aggregator.name}" if protocol.uses_aggregator else protocol.name
     with reporter.stage(f"evaluate {label}", total=splits.folds * comps.eval.seeds,
                         unit="folds") as st:
         def progress(*_):
